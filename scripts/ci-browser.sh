@@ -13,6 +13,7 @@
 #      BROWSER_DURATION (12 s of traffic), SCREENSHOT_OUT (where to keep the screenshot; set it to
 #      docs/dashboard.png to refresh the one in the docs), BROWSER_TIMEOUT (240 s for the whole check).
 set -euo pipefail
+export PYTHONDONTWRITEBYTECODE=1
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 : "${TALLYD_BIN:?set TALLYD_BIN to the tallyd binary}"
