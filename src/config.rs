@@ -1,0 +1,155 @@
+//! Command line and environment: every setting and every limit, named, defaulted and
+//! range-checked here so that the rest of the program can trust them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// tallyd: a durable, high-throughput HTTP card-transaction server.
+#[derive(Debug, Parser)]
+#[command(name = "tallyd", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server.
+    Serve(Config),
+    /// Check every invariant of a database file and exit non-zero on any mismatch.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The SQLite database to check.
+    #[arg(long, env = "TALLYD_DB", default_value = "users.db")]
+    pub db: PathBuf,
+}
+
+/// How far a commit must reach before a request is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Durability {
+    /// fsync the write-ahead log before answering: an answered transaction survives power loss.
+    Full,
+    /// Answer once the commit is in the operating system's cache. Survives a crash of tallyd,
+    /// but the last batches before a power loss or kernel crash may be lost.
+    Normal,
+}
+
+/// Every setting of `tallyd serve`. Ranges are enforced while parsing, so a `Config` that exists
+/// is valid.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "TALLYD_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// SQLite database file; created from the seed if it does not exist.
+    #[arg(long, env = "TALLYD_DB", default_value = "users.db")]
+    pub db: PathBuf,
+
+    /// SQL file that creates the schema and seed accounts of a new database
+    /// [default: the users.db.sql built into the binary].
+    #[arg(long, env = "TALLYD_SEED")]
+    pub seed: Option<PathBuf>,
+
+    /// Worker threads that commit batches (they take turns on SQLite's single writer).
+    #[arg(long, env = "TALLYD_WORKERS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: u16,
+
+    /// Transactions that may wait in the queue; beyond it requests get 503 queue_full.
+    #[arg(long, env = "TALLYD_QUEUE_DEPTH", default_value_t = 8192,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub queue_depth: u32,
+
+    /// Most transactions committed together in one batch.
+    #[arg(long, env = "TALLYD_BATCH_MAX", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub batch_max: u32,
+
+    /// Longest a worker waits for more transactions before committing a batch that is not full,
+    /// in microseconds (0: commit whatever is waiting at once).
+    #[arg(long, env = "TALLYD_BATCH_WAIT_US", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub batch_wait_us: u32,
+
+    /// `full` fsyncs before answering; `normal` may lose the last batches on power loss.
+    #[arg(long, env = "TALLYD_DURABILITY", value_enum, default_value_t = Durability::Full)]
+    pub durability: Durability,
+
+    /// Largest request body accepted; larger ones get 413.
+    #[arg(long, env = "TALLYD_BODY_LIMIT_BYTES", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u32).range(64..=(16 << 20)))]
+    pub body_limit_bytes: u32,
+
+    /// Longest time a client may take to send a request body, in milliseconds.
+    #[arg(long, env = "TALLYD_REQUEST_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(10..=600_000))]
+    pub request_timeout_ms: u32,
+
+    /// Longest a connection may sit idle, or take to send a request's headers, in milliseconds.
+    #[arg(long, env = "TALLYD_IDLE_TIMEOUT_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u32).range(10..=3_600_000))]
+    pub idle_timeout_ms: u32,
+
+    /// Most connections served at once; further ones wait in the listen backlog.
+    #[arg(long, env = "TALLYD_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// Transaction latencies kept for /stats.
+    #[arg(long, env = "TALLYD_LATENCY_RING", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub latency_ring: u32,
+
+    /// Once-a-second average-balance samples kept for /stats.
+    #[arg(long, env = "TALLYD_BALANCE_RING", default_value_t = 3600,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub balance_ring: u32,
+}
+
+/// Limits that are not worth a flag, named in one place.
+pub mod limits {
+    use std::time::Duration;
+
+    /// How long a writer waits on SQLite's write lock (held by a checkpoint or by another
+    /// process) before the batch fails with 503 storage_unavailable.
+    pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Connections in the read pool that serves `/balance`.
+    pub const READ_POOL_SIZE: u32 = 4;
+    /// How long `/balance` waits for a pooled read connection.
+    pub const READ_POOL_WAIT: Duration = Duration::from_secs(2);
+    /// How long shutdown waits for open connections to finish their requests.
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    /// Seconds a client is told to wait after `503 queue_full`.
+    pub const RETRY_AFTER_SECONDS: u32 = 1;
+    /// How often the average balance is sampled into its ring buffer.
+    pub const BALANCE_SAMPLE_PERIOD: Duration = Duration::from_secs(1);
+}
+
+impl Config {
+    pub fn batch_wait(&self) -> Duration {
+        Duration::from_micros(u64::from(self.batch_wait_us))
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.request_timeout_ms))
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.idle_timeout_ms))
+    }
+
+    /// The defaults, as `tallyd serve` with no flag would have them (tests start from here).
+    pub fn defaults() -> Self {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            config: Config,
+        }
+        Only::parse_from(["tallyd"]).config
+    }
+}

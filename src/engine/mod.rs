@@ -1,0 +1,139 @@
+//! The engine: a bounded queue in front of a fixed pool of worker threads that commit
+//! transactions in batches (group commit).
+//!
+//! How many workers, and why they do not fight over SQLite: SQLite has one writer at a time. The
+//! workers share one [`Ledger`] (balances in memory plus the store's write connection) behind a
+//! mutex, so exactly one of them writes at any moment and `SQLITE_BUSY` can only come from outside
+//! the process. What the pool buys is overlap: while one worker holds the ledger and waits for
+//! fsync, another has already taken the next transaction off the queue and is waiting for the
+//! lock; when it gets it, it drains everything that piled up meanwhile into one batch. Replies and
+//! metrics are sent after the lock is released. Two workers is the default: measured on 2 cores,
+//! more only adds contention (see bench/RESULTS.md).
+//!
+//! A worker never waits for a batch to fill when the queue is empty (`--batch-wait-us` is 0 by
+//! default): with fewer clients than the batch limit, waiting only adds latency, and batches grow
+//! by themselves under load because requests pile up during each fsync.
+
+pub mod ledger;
+mod worker;
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
+
+pub use ledger::{Ledger, Outcome};
+
+use crate::config::Config;
+use crate::domain::TransactionRequest;
+use crate::store::{Store, StoreError, Totals};
+
+/// A transaction waiting in the queue, with the channel its answer goes back on.
+pub struct Job {
+    pub request: TransactionRequest,
+    pub reply: oneshot::Sender<Outcome>,
+}
+
+/// Why a transaction was not queued. Nothing was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the transaction queue is full")]
+    QueueFull,
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}
+
+/// What the engine shares with observers: totals for the average balance, and write health.
+#[derive(Debug, Default)]
+pub struct EngineState {
+    /// Updated after every commit; a std mutex because it is held for nanoseconds and never across
+    /// an await or an fsync.
+    pub totals: Mutex<Totals>,
+    /// False after a batch failed to commit, true again after one succeeds (drives `/readyz`).
+    pub writable: std::sync::atomic::AtomicBool,
+}
+
+/// The handle HTTP handlers use to queue transactions. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    queue: flume::Sender<Job>,
+    capacity: usize,
+    state: Arc<EngineState>,
+}
+
+/// The worker threads; join them after every [`Engine`] handle is dropped.
+pub struct Workers {
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Loads the totals from `store` and starts `config.workers` workers on it.
+    pub fn start<S: Store>(mut store: S, config: &Config) -> Result<(Engine, Workers), StoreError> {
+        let totals = store.totals()?;
+        let state = Arc::new(EngineState {
+            totals: Mutex::new(totals),
+            writable: true.into(),
+        });
+        let capacity = config.queue_depth as usize;
+        let (queue, receiver) = flume::bounded(capacity);
+        let ledger = Arc::new(Mutex::new(Ledger::new(store, totals)));
+        let limits = worker::BatchLimits {
+            max: config.batch_max as usize,
+            wait: config.batch_wait(),
+        };
+        let handles = (0..config.workers)
+            .map(|index| {
+                let receiver = receiver.clone();
+                let ledger = Arc::clone(&ledger);
+                let state = Arc::clone(&state);
+                std::thread::Builder::new()
+                    .name(format!("tallyd-worker-{index}"))
+                    .spawn(move || worker::run(receiver, ledger, limits, state))
+                    .expect("spawning a worker thread")
+            })
+            .collect();
+        Ok((
+            Engine {
+                queue,
+                capacity,
+                state,
+            },
+            Workers { handles },
+        ))
+    }
+
+    /// Queues a transaction without waiting; the answer arrives on the returned receiver once its
+    /// batch is committed (or refused).
+    pub fn submit(&self, request: TransactionRequest) -> Result<oneshot::Receiver<Outcome>, SubmitError> {
+        let (reply, answer) = oneshot::channel();
+        match self.queue.try_send(Job { request, reply }) {
+            Ok(()) => Ok(answer),
+            Err(flume::TrySendError::Full(_)) => Err(SubmitError::QueueFull),
+            Err(flume::TrySendError::Disconnected(_)) => Err(SubmitError::ShuttingDown),
+        }
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn queue_capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn state(&self) -> &Arc<EngineState> {
+        &self.state
+    }
+}
+
+impl Workers {
+    /// Waits until every worker has drained the queue and exited. Workers exit once every
+    /// [`Engine`] handle is gone and the queue is empty.
+    pub fn join(self) {
+        for handle in self.handles {
+            if handle.join().is_err() {
+                tracing::error!("a worker thread panicked");
+            }
+        }
+    }
+}

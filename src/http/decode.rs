@@ -1,0 +1,157 @@
+//! Turning request bytes into a validated [`TransactionRequest`], or saying exactly what is wrong.
+//! Pure and panic-free: this is the code the fuzzer drives.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::error::ApiError;
+use crate::domain::{Amount, CardNumber, InvalidField, TransactionRequest};
+
+/// The body as JSON, before its values are checked. Fields are kept as raw JSON values so that
+/// each wrong type gets its own precise error; serde refuses unknown and duplicate fields.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTransaction {
+    card_number: Value,
+    amount: Value,
+}
+
+/// Decodes and validates a `POST /transaction` body.
+pub fn transaction(body: &[u8]) -> Result<TransactionRequest, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the body is empty; send a JSON object",
+        ));
+    }
+    let raw: RawTransaction = serde_json::from_slice(body).map_err(|error| json_error(&error))?;
+    let card = match &raw.card_number {
+        Value::String(text) => CardNumber::parse(text),
+        _ => Err(InvalidField::CardNumber),
+    }
+    .map_err(|error| ApiError::bad_request("invalid_card_number", error.to_string()))?;
+    let amount = raw
+        .amount
+        .as_i64()
+        .ok_or(InvalidField::Amount)
+        .and_then(Amount::new)
+        .map_err(|error| ApiError::bad_request("invalid_amount", error.to_string()))?;
+    Ok(TransactionRequest { card, amount })
+}
+
+/// Sorts serde's errors into our codes. serde reports field problems only in its message, so the
+/// message's stable prefix decides; everything else is malformed JSON.
+fn json_error(error: &serde_json::Error) -> ApiError {
+    let message = error.to_string();
+    let code = if !error.is_data() {
+        "invalid_json"
+    } else if message.starts_with("unknown field") {
+        "unknown_field"
+    } else if message.starts_with("missing field") {
+        "missing_field"
+    } else if message.starts_with("duplicate field") {
+        "duplicate_field"
+    } else {
+        "invalid_json"
+    };
+    let message = match code {
+        "invalid_json" if error.is_data() => {
+            format!("the body must be a JSON object with card_number and amount ({message})")
+        }
+        "invalid_json" => format!("the body is not valid JSON ({message})"),
+        _ => message,
+    };
+    ApiError::bad_request(code, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_of(body: &str) -> &'static str {
+        transaction(body.as_bytes()).expect_err(body).code
+    }
+
+    #[test]
+    fn accepts_a_deposit_and_a_withdrawal() {
+        let deposit = transaction(br#"{"card_number":"1234567890","amount":150}"#).unwrap();
+        assert_eq!(deposit.card.as_str(), "1234567890");
+        assert_eq!(deposit.amount.minor_units(), 150);
+        let withdrawal =
+            transaction(br#" { "amount" : -1000000000000 , "card_number" : "123456" } "#).unwrap();
+        assert_eq!(withdrawal.amount.minor_units(), -1_000_000_000_000);
+    }
+
+    #[test]
+    fn refuses_each_malformed_body_with_its_own_code() {
+        let cases = [
+            ("", "invalid_json"),
+            ("{", "invalid_json"),
+            ("null", "invalid_json"),
+            ("[]", "invalid_json"),
+            (r#""a string""#, "invalid_json"),
+            (
+                r#"{"card_number":"1234567890","amount":5} trailing"#,
+                "invalid_json",
+            ),
+            (r#"{"card_number":"1234567890"}"#, "missing_field"),
+            (r#"{"amount":5}"#, "missing_field"),
+            (
+                r#"{"card_number":"1234567890","amount":5,"currency":"EUR"}"#,
+                "unknown_field",
+            ),
+            (
+                r#"{"card_number":"1234567890","amount":5,"amount":6}"#,
+                "duplicate_field",
+            ),
+            (r#"{"card_number":1234567890,"amount":5}"#, "invalid_card_number"),
+            (r#"{"card_number":"12345","amount":5}"#, "invalid_card_number"),
+            (
+                r#"{"card_number":"12345678901234567890","amount":5}"#,
+                "invalid_card_number",
+            ),
+            (
+                r#"{"card_number":"12345678a0","amount":5}"#,
+                "invalid_card_number",
+            ),
+            (r#"{"card_number":null,"amount":5}"#, "invalid_card_number"),
+            (r#"{"card_number":"1234567890","amount":0}"#, "invalid_amount"),
+            (r#"{"card_number":"1234567890","amount":1.5}"#, "invalid_amount"),
+            (r#"{"card_number":"1234567890","amount":1.0}"#, "invalid_amount"),
+            (r#"{"card_number":"1234567890","amount":1e3}"#, "invalid_amount"),
+            (r#"{"card_number":"1234567890","amount":"150"}"#, "invalid_amount"),
+            (
+                r#"{"card_number":"1234567890","amount":1000000000001}"#,
+                "invalid_amount",
+            ),
+            (
+                r#"{"card_number":"1234567890","amount":-1000000000001}"#,
+                "invalid_amount",
+            ),
+            (
+                r#"{"card_number":"1234567890","amount":99999999999999999999}"#,
+                "invalid_amount",
+            ),
+            (r#"{"card_number":"1234567890","amount":true}"#, "invalid_amount"),
+        ];
+        for (body, code) in cases {
+            assert_eq!(code_of(body), code, "{body}");
+        }
+    }
+
+    #[test]
+    fn refuses_invalid_utf8_and_deep_nesting_without_panicking() {
+        assert_eq!(
+            transaction(b"{\"card_number\":\"12345\xff7890\",\"amount\":5}")
+                .unwrap_err()
+                .code,
+            "invalid_json"
+        );
+        let deep = format!(
+            "{{\"card_number\":\"1234567890\",\"amount\":{}1{}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_eq!(code_of(&deep), "invalid_json");
+    }
+}

@@ -1,0 +1,32 @@
+//! The HTTP front end: routing, request reading with limits, and the handlers. Handlers validate,
+//! hand transactions to the engine, and turn its outcomes into responses; they never touch storage
+//! for writes.
+
+pub mod decode;
+pub mod error;
+mod routes;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::analytics::Analytics;
+use crate::engine::Engine;
+use crate::store::BalanceReader;
+
+pub use error::{ApiError, HttpResponse};
+pub use routes::handle;
+
+/// Everything a handler needs, shared by every connection.
+pub struct App {
+    pub engine: Engine,
+    pub reader: Arc<dyn BalanceReader>,
+    pub analytics: Arc<Analytics>,
+    pub metrics: PrometheusHandle,
+    pub workers: usize,
+    /// Largest request body accepted.
+    pub body_limit_bytes: usize,
+    /// Longest a client may take to send a request body.
+    pub request_timeout: Duration,
+}

@@ -1,0 +1,20 @@
+//! The `tallyd` binary: parse the command line, set up logging, and hand over to the library.
+
+use clap::Parser;
+use tallyd::config::{Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tallyd::telemetry::init_logging();
+    let result = match cli.command {
+        Command::Serve(config) => tallyd::serve_until_signal(config),
+        Command::Verify(args) => tallyd::verify::run(&args.db),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

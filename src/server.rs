@@ -1,0 +1,219 @@
+//! Starting and stopping: open the store, start the engine, accept connections, and shut down in
+//! one fixed order.
+//!
+//! Shutdown order, written once: stop accepting; ask every connection to finish its current request
+//! and close (hyper's graceful shutdown), waiting at most `SHUTDOWN_GRACE`; drop the last engine
+//! handle, which closes the queue; the workers drain it, commit, answer, and exit; join them; the
+//! store closes when its last worker lets go of it.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::analytics::{Analytics, BalanceSample};
+use crate::config::{limits, Config};
+use crate::engine::{Engine, EngineState};
+use crate::http::{self, App};
+use crate::store::sqlite::{SqliteReader, SqliteStore};
+use crate::store::StoreError;
+use crate::telemetry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen: {0}")]
+    Listen(#[source] std::io::Error),
+    #[error("cannot open the database: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// How long to back off after `accept` fails (e.g. out of file descriptors) before trying again.
+const ACCEPT_ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The binary's entry point: a tokio runtime, a listener, and SIGINT/SIGTERM as the shutdown signal.
+pub fn serve_until_signal(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(ServerError::Listen)?;
+        run(listener, config, shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Serves on `listener` until `shutdown` completes, then drains and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let (engine, workers) = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            let store = SqliteStore::open(&config.db, config.durability, config.seed.as_deref())?;
+            Engine::start(store, &config)
+        })
+        .await
+        .expect("opening the store does not panic")?
+    };
+    let reader = SqliteReader::open(&config.db)?;
+    let metrics = telemetry::metrics_handle();
+    telemetry::describe(usize::from(config.workers), engine.queue_capacity());
+    let analytics = Arc::new(Analytics::new(
+        config.latency_ring as usize,
+        config.balance_ring as usize,
+    ));
+    let sampler = tokio::spawn(sample_every_second(
+        Arc::clone(engine.state()),
+        Arc::clone(&analytics),
+        metrics.clone(),
+    ));
+    let app = Arc::new(App {
+        engine,
+        reader: Arc::new(reader),
+        analytics,
+        metrics,
+        workers: usize::from(config.workers),
+        body_limit_bytes: config.body_limit_bytes as usize,
+        request_timeout: config.request_timeout(),
+    });
+
+    let address = listener.local_addr().map_err(ServerError::Listen)?;
+    tracing::info!(addr = %address, db = %config.db.display(), durability = ?config.durability, "listening");
+    let connections = accept_until(listener, &app, &config, shutdown).await;
+    drain(connections).await;
+
+    tracing::info!("stopped accepting; committing what is queued");
+    sampler.abort();
+    drop(app);
+    let _ = tokio::task::spawn_blocking(move || workers.join()).await;
+    tracing::info!("every queued transaction is committed and answered; bye");
+    Ok(())
+}
+
+/// Accepts connections until `shutdown`, at most `max_connections` at once. Returns the open
+/// connections, already told to finish.
+async fn accept_until(
+    listener: TcpListener,
+    app: &Arc<App>,
+    config: &Config,
+    shutdown: impl Future<Output = ()>,
+) -> JoinSet<()> {
+    let slots = Arc::new(Semaphore::new(config.max_connections as usize));
+    let (stop, stopping) = watch::channel(false);
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.idle_timeout());
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        while connections.try_join_next().is_some() {}
+        connections.spawn(serve_connection(
+            stream,
+            Arc::clone(app),
+            builder.clone(),
+            stopping.clone(),
+            slot,
+        ));
+    }
+    let _ = stop.send(true);
+    connections
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    app: Arc<App>,
+    builder: http1::Builder,
+    mut stopping: watch::Receiver<bool>,
+    _slot: OwnedSemaphorePermit,
+) {
+    let _ = stream.set_nodelay(true);
+    let service = service_fn(move |request| http::handle(Arc::clone(&app), request));
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = stopping.changed() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "connection ended with an error");
+    }
+}
+
+/// Waits for open connections to finish their requests, then cuts off any that are still going.
+async fn drain(mut connections: JoinSet<()>) {
+    let finished = tokio::time::timeout(limits::SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            "connections still open after the grace period; closing them"
+        );
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
+    }
+}
+
+/// Samples the average balance into its ring buffer once a second and runs the exporter's upkeep.
+async fn sample_every_second(
+    state: Arc<EngineState>,
+    analytics: Arc<Analytics>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> Infallible {
+    let mut ticker = tokio::time::interval(limits::BALANCE_SAMPLE_PERIOD);
+    loop {
+        ticker.tick().await;
+        let average = state.totals.lock().map(|totals| totals.average()).unwrap_or(0.0);
+        analytics.sample_balance(BalanceSample {
+            unix_ms: crate::unix_ms_now(),
+            average,
+        });
+        metrics.run_upkeep();
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {},
+            _ = terminate.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("shutdown signal received");
+}

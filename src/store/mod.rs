@@ -1,0 +1,69 @@
+//! The storage boundary. The engine decides; a store only persists and reads back.
+//!
+//! [`Store`] is the write side, owned by the engine's workers (one at a time); [`BalanceReader`]
+//! is the read side, shared by HTTP handlers. SQLite implements both today ([`sqlite`]); a
+//! PostgreSQL store would implement the same two traits and nothing above this module would change.
+
+pub mod sqlite;
+
+use crate::domain::CardNumber;
+
+/// One committed change to one account, as the engine decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Posting {
+    pub card: CardNumber,
+    /// Signed minor units, never zero.
+    pub amount: i64,
+    /// The account's balance after this posting (and after every earlier posting of the batch).
+    pub balance_after: i64,
+}
+
+/// Sum and number of all balances, kept up to date as batches commit so that the average balance
+/// never needs a table scan.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// i128 because 100k balances near i64::MAX would overflow an i64 sum.
+    pub balance_sum: i128,
+    pub accounts: i64,
+}
+
+impl Totals {
+    /// The one derived float in tallyd: reported, never stored or used for money.
+    pub fn average(&self) -> f64 {
+        if self.accounts == 0 {
+            0.0
+        } else {
+            self.balance_sum as f64 / self.accounts as f64
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("read pool: {0}")]
+    Pool(#[from] r2d2::Error),
+    #[error("seed file {path}: {source}")]
+    Seed { path: String, source: std::io::Error },
+}
+
+/// The write side. Every method may block on disk; call it from a worker thread, never from async code.
+pub trait Store: Send + 'static {
+    /// The committed balance of `card`, or `None` if there is no such account.
+    fn balance(&mut self, card: &CardNumber) -> Result<Option<i64>, StoreError>;
+
+    /// Applies every posting (the account's new balance and one journal row each) in one
+    /// transaction and makes it durable as configured. All or nothing: on `Err` nothing changed.
+    /// Returns the journal ids in the order of `postings`.
+    fn commit(&mut self, postings: &[Posting], at_unix_ms: i64) -> Result<Vec<i64>, StoreError>;
+
+    /// Sum and count of all balances, read once at start-up.
+    fn totals(&mut self) -> Result<Totals, StoreError>;
+}
+
+/// The read side: committed balances, never blocked by a writer.
+pub trait BalanceReader: Send + Sync + 'static {
+    /// May block; call it from a blocking thread.
+    fn balance(&self, card: &CardNumber) -> Result<Option<i64>, StoreError>;
+}

@@ -1,0 +1,205 @@
+//! SQLite, the store of a single machine: one write connection (owned by whichever engine worker
+//! holds the ledger), a pool of read-only connections for `/balance`, and the invariant checks of
+//! `tallyd verify`.
+//!
+//! Pragmas, and why:
+//! * `journal_mode=WAL`: readers never block the writer and the writer never blocks readers, so
+//!   `/balance` stays fast while batches commit; a commit appends to one file.
+//! * `synchronous=FULL` (durability `full`, the default): the WAL is fsynced at every commit, so
+//!   an answered transaction survives power loss. `NORMAL` fsyncs only at checkpoints: it survives a
+//!   crash of the process but may lose the last commits on power loss.
+//! * `busy_timeout`: only one worker writes at a time (the ledger's mutex), so our own workers never
+//!   meet `SQLITE_BUSY`; the timeout covers an outside writer such as a `sqlite3` shell or a
+//!   checkpoint, and past it the batch fails as a whole with 503 and nothing changed.
+//! * `cache_size` of 64 MiB: the seeded accounts table (~5 MiB) stays in memory.
+
+use std::path::Path;
+use std::time::Duration;
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+
+use super::{BalanceReader, Posting, Store, StoreError, Totals};
+use crate::config::{limits, Durability};
+use crate::domain::CardNumber;
+
+/// The schema and seed used when no `--seed` file is given.
+pub const BUILTIN_SEED: &str = include_str!("../../users.db.sql");
+
+/// The page cache of the write connection, in KiB (a negative `cache_size` means KiB).
+const WRITE_CACHE_KIB: i64 = 64 * 1024;
+
+const UPDATE_BALANCE: &str = "UPDATE accounts SET balance = ?2 WHERE card_number = ?1";
+const APPEND_JOURNAL: &str =
+    "INSERT INTO journal (card_number, amount, balance_after, created_at_ms) VALUES (?1, ?2, ?3, ?4)";
+const SELECT_BALANCE: &str = "SELECT balance FROM accounts WHERE card_number = ?1";
+
+/// The write side of SQLite.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl SqliteStore {
+    /// Opens (or creates and seeds) the database at `path`.
+    pub fn open(path: &Path, durability: Durability, seed: Option<&Path>) -> Result<Self, StoreError> {
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(limits::SQLITE_BUSY_TIMEOUT)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(%mode, "SQLite refused WAL mode; writes will block reads");
+        }
+        let synchronous = match durability {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", synchronous)?;
+        conn.pragma_update(None, "cache_size", -WRITE_CACHE_KIB)?;
+        if !has_schema(&conn)? {
+            let sql = match seed {
+                Some(path) => std::fs::read_to_string(path).map_err(|source| StoreError::Seed {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+                None => BUILTIN_SEED.to_owned(),
+            };
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(&sql)?;
+            tx.commit()?;
+            tracing::info!(db = %path.display(), "created a new database from the seed");
+        }
+        Ok(Self { conn })
+    }
+}
+
+fn has_schema(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name IN ('accounts', 'journal')",
+        [],
+        |row| row.get::<_, i64>(0),
+    )
+    .map(|tables| tables == 2)
+}
+
+impl Store for SqliteStore {
+    fn balance(&mut self, card: &CardNumber) -> Result<Option<i64>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(SELECT_BALANCE)?;
+        Ok(stmt.query_row([card.as_str()], |row| row.get(0)).optional()?)
+    }
+
+    fn commit(&mut self, postings: &[Posting], at_unix_ms: i64) -> Result<Vec<i64>, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut ids = Vec::with_capacity(postings.len());
+        {
+            let mut update = tx.prepare_cached(UPDATE_BALANCE)?;
+            let mut append = tx.prepare_cached(APPEND_JOURNAL)?;
+            for posting in postings {
+                let card = posting.card.as_str();
+                if update.execute(params![card, posting.balance_after])? != 1 {
+                    // The engine only posts to accounts it has read; one that vanished underneath
+                    // us means someone edited the database by hand. Refuse the whole batch.
+                    return Err(rusqlite::Error::QueryReturnedNoRows.into());
+                }
+                append.execute(params![card, posting.amount, posting.balance_after, at_unix_ms])?;
+                ids.push(tx.last_insert_rowid());
+            }
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    fn totals(&mut self) -> Result<Totals, StoreError> {
+        // SUM over i64 in SQLite overflows to an error, so add in i128 here; this runs once.
+        let mut stmt = self.conn.prepare("SELECT balance FROM accounts")?;
+        let mut rows = stmt.query([])?;
+        let mut totals = Totals::default();
+        while let Some(row) = rows.next()? {
+            totals.balance_sum += i128::from(row.get::<_, i64>(0)?);
+            totals.accounts += 1;
+        }
+        Ok(totals)
+    }
+}
+
+/// The read side: a pool of read-only connections.
+pub struct SqliteReader {
+    pool: r2d2::Pool<SqliteConnectionManager>,
+}
+
+impl SqliteReader {
+    /// Open after [`SqliteStore::open`], which creates the database and its WAL.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let manager = SqliteConnectionManager::file(path)
+            .with_flags(flags)
+            .with_init(|conn| conn.busy_timeout(limits::SQLITE_BUSY_TIMEOUT));
+        let pool = r2d2::Pool::builder()
+            .max_size(limits::READ_POOL_SIZE)
+            .connection_timeout(limits::READ_POOL_WAIT)
+            .build(manager)?;
+        Ok(Self { pool })
+    }
+}
+
+impl BalanceReader for SqliteReader {
+    fn balance(&self, card: &CardNumber) -> Result<Option<i64>, StoreError> {
+        let conn = self.pool.get()?;
+        let mut stmt = conn.prepare_cached(SELECT_BALANCE)?;
+        Ok(stmt.query_row([card.as_str()], |row| row.get(0)).optional()?)
+    }
+}
+
+/// One invariant checked by `tallyd verify`: what it says, and how many rows break it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub violations: i64,
+}
+
+/// Each invariant as a query counting the rows that break it.
+const INVARIANTS: &[(&str, &str)] = &[
+    (
+        "balance = opening_balance + sum of the card's journal",
+        "SELECT count(*) FROM accounts a LEFT JOIN \
+           (SELECT card_number, SUM(amount) AS total FROM journal GROUP BY card_number) j \
+           ON j.card_number = a.card_number \
+         WHERE a.balance <> a.opening_balance + coalesce(j.total, 0)",
+    ),
+    (
+        "no balance below zero",
+        "SELECT count(*) FROM accounts WHERE balance < 0 OR opening_balance < 0",
+    ),
+    (
+        "every journal row names an existing card",
+        "SELECT count(*) FROM journal WHERE card_number NOT IN (SELECT card_number FROM accounts)",
+    ),
+    (
+        "every journal row's balance_after = opening + running sum of the card's journal",
+        "SELECT count(*) FROM (SELECT j.balance_after, a.opening_balance + SUM(j.amount) OVER \
+           (PARTITION BY j.card_number ORDER BY j.id) AS expected \
+           FROM journal j JOIN accounts a ON a.card_number = j.card_number) WHERE balance_after <> expected",
+    ),
+    (
+        "every journal amount is non-zero and within the per-transaction limit",
+        "SELECT count(*) FROM journal WHERE amount = 0 OR abs(amount) > 1000000000000",
+    ),
+];
+
+/// Runs SQLite's own integrity check, then every invariant, over the database at `path`
+/// (opened read-only). Returns the journal's row count and each check.
+pub fn verify(path: &Path) -> Result<(i64, Vec<Check>), StoreError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(Duration::from_secs(30))?;
+    let integrity: String = conn.query_row("PRAGMA integrity_check", [], |row| row.get(0))?;
+    let mut checks = vec![Check {
+        name: "SQLite integrity_check",
+        violations: i64::from(integrity != "ok"),
+    }];
+    for (name, sql) in INVARIANTS {
+        let violations = conn.query_row(sql, [], |row| row.get(0))?;
+        checks.push(Check { name, violations });
+    }
+    let journal_rows = conn.query_row("SELECT count(*) FROM journal", [], |row| row.get(0))?;
+    Ok((journal_rows, checks))
+}

@@ -1,0 +1,96 @@
+//! Logs and Prometheus metrics: the metric names, their buckets, and the one place each is recorded.
+
+use std::io::IsTerminal;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::analytics::OutcomeLabel;
+
+pub const TRANSACTIONS_TOTAL: &str = "tallyd_transactions_total";
+pub const TRANSACTION_DURATION: &str = "tallyd_transaction_duration_seconds";
+pub const BATCH_SIZE: &str = "tallyd_batch_size";
+pub const BATCH_COMMIT_DURATION: &str = "tallyd_batch_commit_duration_seconds";
+pub const BATCH_FAILURES_TOTAL: &str = "tallyd_batch_failures_total";
+pub const QUEUE_DEPTH: &str = "tallyd_queue_depth";
+pub const QUEUE_CAPACITY: &str = "tallyd_queue_capacity";
+pub const WORKERS: &str = "tallyd_workers";
+pub const AVERAGE_BALANCE: &str = "tallyd_average_balance";
+pub const UPTIME: &str = "tallyd_uptime_seconds";
+pub const HTTP_REQUESTS_TOTAL: &str = "tallyd_http_requests_total";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default `info`), coloured only on a terminal.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_SIZE_BUCKETS)
+                })
+                .and_then(|builder| builder.install_recorder())
+                .expect("installing the Prometheus recorder (buckets are non-empty constants)")
+        })
+        .clone()
+}
+
+/// Registers every series at zero so that a fresh server already exports them all.
+pub fn describe(workers: usize, queue_capacity: usize) {
+    for outcome in OutcomeLabel::ALL {
+        for kind in ["deposit", "withdrawal", "unknown"] {
+            counter!(TRANSACTIONS_TOTAL, "kind" => kind, "outcome" => outcome.as_str()).absolute(0);
+        }
+    }
+    counter!(BATCH_FAILURES_TOTAL).absolute(0);
+    gauge!(WORKERS).set(workers as f64);
+    gauge!(QUEUE_CAPACITY).set(queue_capacity as f64);
+    gauge!(QUEUE_DEPTH).set(0.0);
+}
+
+/// A `POST /transaction` was answered.
+pub fn record_transaction(kind: &'static str, outcome: OutcomeLabel, latency: Duration) {
+    counter!(TRANSACTIONS_TOTAL, "kind" => kind, "outcome" => outcome.as_str()).increment(1);
+    histogram!(TRANSACTION_DURATION).record(latency.as_secs_f64());
+}
+
+/// A worker finished a batch.
+pub fn record_batch(size: usize, took: Duration, commit_ok: bool) {
+    histogram!(BATCH_SIZE).record(size as f64);
+    histogram!(BATCH_COMMIT_DURATION).record(took.as_secs_f64());
+    if !commit_ok {
+        counter!(BATCH_FAILURES_TOTAL).increment(1);
+    }
+}
+
+/// Any HTTP request was answered.
+pub fn record_http(route: &'static str, status: u16) {
+    counter!(HTTP_REQUESTS_TOTAL, "route" => route, "status" => status.to_string()).increment(1);
+}
+
+/// Gauges that are read rather than counted, refreshed just before each scrape.
+pub fn set_gauges(queue_depth: usize, average_balance: f64, uptime: Duration) {
+    gauge!(QUEUE_DEPTH).set(queue_depth as f64);
+    gauge!(AVERAGE_BALANCE).set(average_balance);
+    gauge!(UPTIME).set(uptime.as_secs_f64());
+}
