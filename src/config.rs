@@ -97,6 +97,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(10..=3_600_000))]
     pub idle_timeout_ms: u32,
 
+    /// How long a batch waits for SQLite's write lock when something outside tallyd (a sqlite3
+    /// shell, a backup) holds it, in milliseconds; past it the batch fails with 503 and changes nothing.
+    #[arg(long, env = "TALLYD_BUSY_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u32).range(0..=600_000))]
+    pub busy_timeout_ms: u32,
+
     /// Most connections served at once; further ones wait in the listen backlog.
     #[arg(long, env = "TALLYD_MAX_CONNECTIONS", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -117,9 +123,8 @@ pub struct Config {
 pub mod limits {
     use std::time::Duration;
 
-    /// How long a writer waits on SQLite's write lock (held by a checkpoint or by another
-    /// process) before the batch fails with 503 storage_unavailable.
-    pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+    /// How long a `/balance` read waits on SQLite (readers only wait during WAL recovery).
+    pub const SQLITE_READ_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
     /// Connections in the read pool that serves `/balance`.
     pub const READ_POOL_SIZE: u32 = 4;
     /// How long `/balance` waits for a pooled read connection.
@@ -138,6 +143,9 @@ impl Config {
     }
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(u64::from(self.request_timeout_ms))
+    }
+    pub fn busy_timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.busy_timeout_ms))
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(u64::from(self.idle_timeout_ms))

@@ -58,7 +58,12 @@ pub async fn run(
     let (engine, workers) = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
-            let store = SqliteStore::open(&config.db, config.durability, config.seed.as_deref())?;
+            let store = SqliteStore::open(
+                &config.db,
+                config.durability,
+                config.busy_timeout(),
+                config.seed.as_deref(),
+            )?;
             Engine::start(store, &config)
         })
         .await

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::analytics::OutcomeLabel;
@@ -57,6 +57,23 @@ pub fn metrics_handle() -> PrometheusHandle {
 
 /// Registers every series at zero so that a fresh server already exports them all.
 pub fn describe(workers: usize, queue_capacity: usize) {
+    describe_counter!(
+        TRANSACTIONS_TOTAL,
+        "POST /transaction answers by kind and outcome"
+    );
+    describe_histogram!(
+        TRANSACTION_DURATION,
+        "POST /transaction, receipt to answer, in seconds"
+    );
+    describe_histogram!(BATCH_SIZE, "Transactions per committed batch");
+    describe_histogram!(BATCH_COMMIT_DURATION, "Time to commit one batch, in seconds");
+    describe_counter!(BATCH_FAILURES_TOTAL, "Batches whose commit failed");
+    describe_gauge!(QUEUE_DEPTH, "Transactions waiting in the queue");
+    describe_gauge!(QUEUE_CAPACITY, "Capacity of the transaction queue");
+    describe_gauge!(WORKERS, "Worker threads committing batches");
+    describe_gauge!(AVERAGE_BALANCE, "Average account balance in minor units");
+    describe_gauge!(UPTIME, "Seconds since start");
+    describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests by route and status");
     for outcome in OutcomeLabel::ALL {
         for kind in ["deposit", "withdrawal", "unknown"] {
             counter!(TRANSACTIONS_TOTAL, "kind" => kind, "outcome" => outcome.as_str()).absolute(0);

@@ -17,6 +17,7 @@
 pub mod ledger;
 mod worker;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -50,7 +51,9 @@ pub struct EngineState {
     /// an await or an fsync.
     pub totals: Mutex<Totals>,
     /// False after a batch failed to commit, true again after one succeeds (drives `/readyz`).
-    pub writable: std::sync::atomic::AtomicBool,
+    pub writable: AtomicBool,
+    /// Transactions taken off the queue by workers and not yet answered.
+    pub in_progress: AtomicUsize,
 }
 
 /// The handle HTTP handlers use to queue transactions. Cheap to clone.
@@ -73,6 +76,7 @@ impl Engine {
         let state = Arc::new(EngineState {
             totals: Mutex::new(totals),
             writable: true.into(),
+            in_progress: AtomicUsize::new(0),
         });
         let capacity = config.queue_depth as usize;
         let (queue, receiver) = flume::bounded(capacity);
@@ -115,6 +119,11 @@ impl Engine {
 
     pub fn queue_depth(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Transactions in workers' hands: taken off the queue, not yet answered.
+    pub fn in_progress(&self) -> usize {
+        self.state.in_progress.load(Ordering::Relaxed)
     }
 
     pub fn queue_capacity(&self) -> usize {

@@ -27,12 +27,14 @@ pub(super) fn run<S: Store>(
     let mut batch = Vec::with_capacity(limits.max);
     while let Ok(first) = queue.recv() {
         batch.push(first);
+        state.in_progress.fetch_add(1, Ordering::Relaxed);
         let Ok(mut ledger) = ledger.lock() else {
             tracing::error!("the ledger is poisoned by a panic in another worker; this worker stops");
             return;
         };
         // Take what piled up while we waited for the lock: this is where batches grow under load.
         fill(&queue, &mut batch, limits);
+        state.in_progress.fetch_add(batch.len() - 1, Ordering::Relaxed);
         let started = Instant::now();
         let report = ledger.apply_batch(batch.iter().map(|job| &job.request), crate::unix_ms_now());
         drop(ledger);
@@ -42,10 +44,12 @@ pub(super) fn run<S: Store>(
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = report.totals;
         state.writable.store(report.commit_ok, Ordering::Relaxed);
+        let answered = batch.len();
         for (job, outcome) in batch.drain(..).zip(report.outcomes) {
             // The client may have gone away; its transaction stands either way.
             let _ = job.reply.send(outcome);
         }
+        state.in_progress.fetch_sub(answered, Ordering::Relaxed);
     }
 }
 

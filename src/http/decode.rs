@@ -24,6 +24,13 @@ pub fn transaction(body: &[u8]) -> Result<TransactionRequest, ApiError> {
             "the body is empty; send a JSON object",
         ));
     }
+    // serde would also read a struct from a JSON array; only an object is a transaction.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the body must be a JSON object",
+        ));
+    }
     let raw: RawTransaction = serde_json::from_slice(body).map_err(|error| json_error(&error))?;
     let card = match &raw.card_number {
         Value::String(text) => CardNumber::parse(text),

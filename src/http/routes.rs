@@ -263,7 +263,11 @@ fn stats(app: &App) -> HttpResponse {
         StatusCode::OK,
         &json!({
             "uptime_seconds": analytics.uptime().as_secs_f64(),
-            "queue": { "depth": app.engine.queue_depth(), "capacity": app.engine.queue_capacity() },
+            "queue": {
+                "depth": app.engine.queue_depth(),
+                "capacity": app.engine.queue_capacity(),
+                "in_progress": app.engine.in_progress(),
+            },
             "workers": app.workers,
             "transactions": transactions,
             "latency": analytics.latency_summary(),

@@ -8,9 +8,9 @@
 //! * `synchronous=FULL` (durability `full`, the default): the WAL is fsynced at every commit, so
 //!   an answered transaction survives power loss. `NORMAL` fsyncs only at checkpoints: it survives a
 //!   crash of the process but may lose the last commits on power loss.
-//! * `busy_timeout`: only one worker writes at a time (the ledger's mutex), so our own workers never
-//!   meet `SQLITE_BUSY`; the timeout covers an outside writer such as a `sqlite3` shell or a
-//!   checkpoint, and past it the batch fails as a whole with 503 and nothing changed.
+//! * `busy_timeout` (`--busy-timeout-ms`): only one worker writes at a time (the ledger's mutex), so
+//!   our own workers never meet `SQLITE_BUSY`; the timeout covers an outside writer such as a
+//!   `sqlite3` shell, and past it the batch fails as a whole with 503 and nothing changed.
 //! * `cache_size` of 64 MiB: the seeded accounts table (~5 MiB) stays in memory.
 
 use std::path::Path;
@@ -41,9 +41,14 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (or creates and seeds) the database at `path`.
-    pub fn open(path: &Path, durability: Durability, seed: Option<&Path>) -> Result<Self, StoreError> {
+    pub fn open(
+        path: &Path,
+        durability: Durability,
+        busy_timeout: Duration,
+        seed: Option<&Path>,
+    ) -> Result<Self, StoreError> {
         let mut conn = Connection::open(path)?;
-        conn.busy_timeout(limits::SQLITE_BUSY_TIMEOUT)?;
+        conn.busy_timeout(busy_timeout)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(%mode, "SQLite refused WAL mode; writes will block reads");
@@ -133,7 +138,7 @@ impl SqliteReader {
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let manager = SqliteConnectionManager::file(path)
             .with_flags(flags)
-            .with_init(|conn| conn.busy_timeout(limits::SQLITE_BUSY_TIMEOUT));
+            .with_init(|conn| conn.busy_timeout(limits::SQLITE_READ_BUSY_TIMEOUT));
         let pool = r2d2::Pool::builder()
             .max_size(limits::READ_POOL_SIZE)
             .connection_timeout(limits::READ_POOL_WAIT)

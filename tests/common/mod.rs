@@ -1,0 +1,328 @@
+//! Test harness: runs the real `tallyd` binary on an ephemeral port with a fresh database, and a
+//! small HTTP/1.1 client over keep-alive connections.
+
+#![allow(dead_code)] // each test binary uses part of the harness
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper::{HeaderMap, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpStream;
+
+/// How long to wait for the server to say where it listens.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to wait for the server to exit after a signal.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The demo card and its opening balance in the built-in seed.
+pub const DEMO_CARD: &str = "1234567890";
+pub const DEMO_OPENING: i64 = 100_000;
+
+/// The n-th seeded load-test card (1-based) and its opening balance, as `users.db.sql` makes them.
+pub fn seeded_card(n: u32) -> (String, i64) {
+    (format!("4{n:015}"), 100_000 + i64::from(n % 1000) * 100)
+}
+
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub db: PathBuf,
+    /// Keeps the database directory alive as long as the server.
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts `tallyd serve` on 127.0.0.1:0 with a new database and the given extra flags.
+    pub fn start(extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let db = dir.path().join("users.db");
+        Self::start_on(dir, db, extra)
+    }
+
+    /// Starts the server on an existing database (restarts keep their directory).
+    pub fn start_on(dir: tempfile::TempDir, db: PathBuf, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+            .arg(&db)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting tallyd");
+        let addr = listening_address(child.stderr.take().expect("piped stderr"));
+        Server {
+            child,
+            addr,
+            db,
+            _dir: dir,
+        }
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal("-TERM");
+        self.wait()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(self.child.id().to_string())
+            .status();
+        assert!(status.expect("running kill").success(), "kill {signal} failed");
+    }
+
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("polling the child") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tallyd did not exit within {EXIT_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn sqlite(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(&self.db).expect("opening the database")
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.addr).await
+    }
+
+    /// Runs `tallyd verify` on this server's database and returns its output, asserting success.
+    pub fn verify(&self) -> String {
+        verify(&self.db)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn verify(db: &Path) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["verify", "--db"])
+        .arg(db)
+        .output()
+        .expect("running tallyd verify");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "tallyd verify failed:\n{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text
+}
+
+/// Reads the server's log until it says where it listens; keeps draining it afterwards so that the
+/// server never blocks on a full pipe.
+fn listening_address(stderr: std::process::ChildStderr) -> SocketAddr {
+    let (found, address) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut found = Some(found);
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if std::env::var_os("TALLYD_TEST_LOG").is_some() {
+                eprintln!("[tallyd] {line}");
+            }
+            if let Some(rest) = line.split("listening addr=").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
+                if let Some(found) = found.take() {
+                    let _ = found.send(addr);
+                }
+            }
+        }
+    });
+    let text = address
+        .recv_timeout(STARTUP_TIMEOUT)
+        .expect("tallyd said where it listens");
+    text.parse().expect("a socket address")
+}
+
+/// One keep-alive HTTP/1.1 connection.
+pub struct Client {
+    sender: http1::SendRequest<Full<Bytes>>,
+    addr: SocketAddr,
+}
+
+/// A response, with the body parsed as JSON when it is JSON.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    /// The `error.code` of a JSON error body.
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error code in {}", self.text))
+            .to_owned()
+    }
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).await.expect("connecting to tallyd");
+        let (sender, connection) = http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("HTTP handshake");
+        tokio::spawn(connection);
+        Client { sender, addr }
+    }
+
+    pub async fn request(&mut self, request: Request<Full<Bytes>>) -> Reply {
+        self.sender.ready().await.expect("connection ready");
+        let response = self.sender.send_request(request).await.expect("a response");
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.expect("the body").to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+        }
+    }
+
+    pub async fn get(&mut self, path: &str) -> Reply {
+        let request = Request::get(path)
+            .header("host", self.addr.to_string())
+            .body(Full::default())
+            .unwrap();
+        self.request(request).await
+    }
+
+    pub async fn post_json(&mut self, path: &str, body: &str) -> Reply {
+        let request = Request::post(path)
+            .header("host", self.addr.to_string())
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap();
+        self.request(request).await
+    }
+
+    pub async fn transaction(&mut self, card: &str, amount: i64) -> Reply {
+        self.post_json(
+            "/transaction",
+            &format!(r#"{{"card_number":"{card}","amount":{amount}}}"#),
+        )
+        .await
+    }
+
+    pub async fn balance(&mut self, card: &str) -> i64 {
+        let reply = self.get(&format!("/balance?card_number={card}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+        reply.json()["balance"].as_i64().expect("an integer balance")
+    }
+}
+
+/// A bounded wait for an observable state of the server (a queue depth), polled every few
+/// milliseconds: `while !condition { deadline.tick().await }`. Never a stand-in for a condition.
+pub struct Deadline {
+    until: Instant,
+    what: &'static str,
+}
+
+impl Deadline {
+    pub fn new(limit: Duration, what: &'static str) -> Self {
+        Deadline {
+            until: Instant::now() + limit,
+            what,
+        }
+    }
+
+    pub async fn tick(&self) {
+        assert!(Instant::now() < self.until, "timed out waiting for {}", self.what);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Parses Prometheus text exposition into (series, value) pairs, checking every line's syntax.
+pub fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let mut series = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(comment) = line.strip_prefix('#') {
+            let words: Vec<&str> = comment.split_whitespace().collect();
+            if words.first() == Some(&"TYPE") {
+                assert!(
+                    matches!(
+                        words.get(2),
+                        Some(&("counter" | "gauge" | "histogram" | "summary" | "untyped"))
+                    ),
+                    "bad TYPE line: {line}"
+                );
+            }
+            continue;
+        }
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value: {line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+        let metric = name.split('{').next().unwrap();
+        assert!(
+            metric
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+                && !metric.is_empty(),
+            "bad metric name: {line}"
+        );
+        if let Some(labels) = name.strip_prefix(metric) {
+            assert!(
+                labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+                "bad labels: {line}"
+            );
+        }
+        series.push((name.to_owned(), value));
+    }
+    series
+}
+
+/// The value of one exact series, e.g. `tallyd_transactions_total{kind="deposit",outcome="committed"}`,
+/// comparing label sets regardless of order.
+pub fn series_value(series: &[(String, f64)], metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    series.iter().find_map(|(name, value)| {
+        let (base, rest) = name.split_once('{').unwrap_or((name, "}"));
+        if base != metric {
+            return None;
+        }
+        let mut found: Vec<(String, String)> = rest
+            .trim_end_matches('}')
+            .split(',')
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| {
+                let (k, v) = pair.split_once('=').expect("label=value");
+                (k.to_owned(), v.trim_matches('"').to_owned())
+            })
+            .collect();
+        let mut wanted: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        found.sort();
+        wanted.sort();
+        (found == wanted).then_some(*value)
+    })
+}
