@@ -29,16 +29,8 @@ pub fn mix() -> Result<Scenario, GooseError> {
                 .set_name("transaction")
                 .set_weight(10)?,
         )
-        .register_transaction(
-            transaction!(random_balance)
-                .set_name("balance")
-                .set_weight(2)?,
-        )
-        .register_transaction(
-            transaction!(scrape_metrics)
-                .set_name("metrics")
-                .set_weight(1)?,
-        ))
+        .register_transaction(transaction!(random_balance).set_name("balance").set_weight(2)?)
+        .register_transaction(transaction!(scrape_metrics).set_name("metrics").set_weight(1)?))
 }
 
 /// Most transactions on a handful of cards ([`cards::HOT_CARDS`]), with balance reads of the same cards.
@@ -49,17 +41,15 @@ pub fn hot_card() -> Result<Scenario, GooseError> {
                 .set_name("transaction")
                 .set_weight(10)?,
         )
-        .register_transaction(
-            transaction!(hot_balance)
-                .set_name("balance")
-                .set_weight(2)?,
-        ))
+        .register_transaction(transaction!(hot_balance).set_name("balance").set_weight(2)?))
 }
 
 /// Transactions only, as fast as every user can send them, where `503 queue_full` is expected.
 pub fn overload() -> Result<Scenario, GooseError> {
-    Ok(scenario!("overload")
-        .register_transaction(transaction!(overload_transaction).set_name("transaction")))
+    Ok(
+        scenario!("overload")
+            .register_transaction(transaction!(overload_transaction).set_name("transaction")),
+    )
 }
 
 async fn mix_transaction(user: &mut GooseUser) -> TransactionResult {
@@ -140,12 +130,7 @@ async fn post_transaction(
 }
 
 /// Decides what one answer to `POST /transaction` means, per docs/CONTRACT.md.
-fn classify_transaction(
-    reply: &Reply,
-    card_number: &str,
-    amount: i64,
-    backpressure: Backpressure,
-) -> Answer {
+fn classify_transaction(reply: &Reply, card_number: &str, amount: i64, backpressure: Backpressure) -> Answer {
     let Ok(body) = serde_json::from_str::<Value>(&reply.body) else {
         return Answer::Unexpected;
     };
@@ -162,9 +147,7 @@ fn classify_transaction(
                 Answer::Unexpected
             }
         }
-        422 if error_code(&body) == Some("insufficient_funds") && amount < 0 => {
-            Answer::InsufficientFunds
-        }
+        422 if error_code(&body) == Some("insufficient_funds") && amount < 0 => Answer::InsufficientFunds,
         503 if backpressure == Backpressure::Expected
             && error_code(&body) == Some("queue_full")
             && reply.has_retry_after =>
@@ -231,7 +214,8 @@ mod tests {
 
     #[test]
     fn a_committed_answer_must_echo_the_request() {
-        let good = r#"{"id":1,"card_number":"4000000000000001","amount":-5,"balance":100095,"status":"committed"}"#;
+        let good =
+            r#"{"id":1,"card_number":"4000000000000001","amount":-5,"balance":100095,"status":"committed"}"#;
         assert_eq!(
             classify_transaction(&reply(200, false, good), CARD, -5, Backpressure::Unexpected),
             Answer::Committed
@@ -242,12 +226,7 @@ mod tests {
         );
         let queued = r#"{"id":1,"card_number":"4000000000000001","amount":-5,"balance":1,"status":"queued"}"#;
         assert_eq!(
-            classify_transaction(
-                &reply(200, false, queued),
-                CARD,
-                -5,
-                Backpressure::Unexpected
-            ),
+            classify_transaction(&reply(200, false, queued), CARD, -5, Backpressure::Unexpected),
             Answer::Unexpected
         );
     }

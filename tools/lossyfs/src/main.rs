@@ -71,11 +71,15 @@ fn block_control_signals() -> libc::sigset_t {
     }
 }
 
-fn wait_for_signal(set: &libc::sigset_t) -> i32 {
-    let mut signal = 0;
-    // SAFETY: `set` was initialised by block_control_signals.
-    unsafe { libc::sigwait(set, &mut signal) };
-    signal
+/// Waits up to 200 ms for a control signal; `None` when none came.
+fn wait_for_signal(set: &libc::sigset_t) -> Option<i32> {
+    let timeout = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 200_000_000,
+    };
+    // SAFETY: `set` was initialised by block_control_signals; a null siginfo pointer is allowed.
+    let signal = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &timeout) };
+    (signal > 0).then_some(signal)
 }
 
 /// Lazily detaches the mount: programs that still hold files open get errors, not a hang.
@@ -116,7 +120,7 @@ fn main() -> ExitCode {
     let fs = LossyFs {
         model: Arc::clone(&model),
     };
-    let _session = match fuser::spawn_mount(fs, &args.mountpoint, &config) {
+    let session = match fuser::spawn_mount(fs, &args.mountpoint, &config) {
         Ok(session) => session,
         Err(err) => {
             eprintln!("lossyfs: cannot mount {}: {err}", args.mountpoint.display());
@@ -130,7 +134,14 @@ fn main() -> ExitCode {
         std::process::id()
     );
     loop {
-        let signal = wait_for_signal(&signals);
+        let Some(signal) = wait_for_signal(&signals) else {
+            if session.guard.is_finished() {
+                // Unmounted from outside (umount, fusermount3 -u): nothing left to serve.
+                eprintln!("lossyfs: unmounted from outside; unsynced data is lost");
+                return ExitCode::SUCCESS;
+            }
+            continue;
+        };
         let mut model = model.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         match signal {
             libc::SIGUSR1 | libc::SIGUSR2 => {
