@@ -1,0 +1,319 @@
+#!/usr/bin/env bash
+# bench/run.sh: tallyd's throughput benchmark, one command.
+#
+# Builds the release binaries, then for each run starts a server on a fresh database (tallyd seeds its
+# 100,000 cards), drives POST /transaction with wrk (bench/transaction.lua: random card, signed amount) for a
+# bounded time, and records requests/s, p50/p99 latency, resident memory and how many journal rows the database
+# holds afterwards (at least one per 200, or the run is marked as losing transactions). The same load runs
+# against two references in the same session: the ceiling (examples/noop.rs, HTTP only) and the naive design
+# (tallyd --batch-max 1); `--durability normal` is measured beside them, labelled. Medians over RUNS go to
+# bench/RESULTS.md with the date, the machine and the exact commands.
+#
+# Options (environment):
+#   DURATION=15s   wrk's -d for each run            RUNS=3        runs per target and connection count
+#   CONNS="64 256" connection counts                 THREADS=2     wrk's -t (the machine has 2 cores)
+#   TARGETS="noop tallyd batch1 normal"              QUICK=1       DURATION=3s RUNS=1, results to bench/out/
+#   RESULTS=path   where the table goes              BENCH_TMP=dir where the fresh databases go (default /tmp)
+#   JOBS=2         cargo build -j                    SKIP_BUILD=1  use the binaries already built
+# Every server listens on 127.0.0.1 with a port the OS picks; every process it starts is killed on exit.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+if [[ "${QUICK:-0}" == 1 ]]; then
+    DURATION="${DURATION:-3s}"
+    RUNS="${RUNS:-1}"
+    RESULTS="${RESULTS:-$ROOT/bench/out/RESULTS-quick.md}"
+fi
+DURATION="${DURATION:-15s}"
+RUNS="${RUNS:-3}"
+CONNS="${CONNS:-64 256}"
+THREADS="${THREADS:-2}"
+TARGETS="${TARGETS:-noop tallyd batch1 normal}"
+RESULTS="${RESULTS:-$ROOT/bench/RESULTS.md}"
+JOBS="${JOBS:-2}"
+CARDS=100000
+WRK_TIMEOUT=10s
+SCRIPT=bench/transaction.lua
+OUT="$ROOT/bench/out"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+TALLYD="$TARGET_DIR/release/tallyd"
+NOOP="$TARGET_DIR/release/examples/noop"
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# --- tools --------------------------------------------------------------------------------------------------
+install_debian_package() {
+    [[ "$(id -u)" == 0 ]] || die "$1 is missing; install Debian's package '$1' (apt-get install -y $1)"
+    log "installing $1 from Debian's packages"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null
+}
+command -v wrk >/dev/null || install_debian_package wrk
+if ! command -v sqlite3 >/dev/null && ! command -v python3 >/dev/null; then
+    install_debian_package sqlite3
+fi
+
+# Prints the number of rows in DB's journal table.
+count_journal() {
+    if command -v sqlite3 >/dev/null; then
+        sqlite3 "$1" 'SELECT count(*) FROM journal;'
+    else
+        python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("SELECT count(*) FROM journal").fetchone()[0])' "$1"
+    fi
+}
+
+# --- processes ----------------------------------------------------------------------------------------------
+WORK="$(mktemp -d "${BENCH_TMP:-${TMPDIR:-/tmp}}/tallyd-bench.XXXXXX")"
+SERVER_PID=""
+cleanup() {
+    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start_server LOG CMD...: starts CMD in the background and sets SERVER_PID and SERVER_ADDR from its
+# `listening addr=IP:PORT` line.
+start_server() {
+    local server_log="$1"
+    shift
+    NO_COLOR=1 RUST_LOG="${RUST_LOG:-info}" "$@" >/dev/null 2>"$server_log" &
+    SERVER_PID=$!
+    SERVER_ADDR=""
+    local tries
+    for tries in $(seq 1 1200); do
+        SERVER_ADDR="$(sed 's/\x1b\[[0-9;]*m//g' "$server_log" | grep -o 'listening addr=[0-9.]*:[0-9]*' | head -n1 | cut -d= -f2 || true)"
+        [[ -n "$SERVER_ADDR" ]] && return 0
+        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$server_log" >&2; die "server exited before listening: $*"; }
+        sleep 0.1
+    done
+    die "no 'listening addr=' line within 120 s from: $*"
+}
+
+# stop_server: SIGTERM (graceful drain), up to 60 s, then SIGKILL. Sets SERVER_EXIT.
+stop_server() {
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    local tries
+    for tries in $(seq 1 600); do
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+    SERVER_EXIT=0
+    wait "$SERVER_PID" 2>/dev/null || SERVER_EXIT=$?
+    SERVER_PID=""
+}
+
+# proc_kib PID FIELD: a VmHWM/VmRSS figure from /proc, in KiB.
+proc_kib() { awk -v field="$2:" '$1 == field { print $2 }' "/proc/$1/status"; }
+
+# histogram_mean FILE NAME SCALE: NAME_sum / NAME_count * SCALE from a Prometheus scrape, or "-".
+histogram_mean() {
+    awk -v sum="$2_sum" -v count="$2_count" -v scale="$3" '
+        $1 == sum || index($1, sum "{") == 1 { s += $2 } $1 == count || index($1, count "{") == 1 { c += $2 }
+        END { if (c > 0) printf "%.2f", s / c * scale; else print "-" }' "$1"
+}
+
+# The field NAME=VALUE of a `BENCH ...` line.
+bench_field() { tr ' ' '\n' <<<"$1" | awk -F= -v name="$2" '$1 == name { print $2 }'; }
+
+# --- build --------------------------------------------------------------------------------------------------
+if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+    log "cargo build --release --bins --examples -j $JOBS"
+    cargo build --release --bins --examples -j "$JOBS" >&2
+fi
+[[ -x "$TALLYD" ]] || die "missing $TALLYD"
+[[ -x "$NOOP" ]] || die "missing $NOOP"
+
+# The command line of each target; DB is replaced by a fresh file each run.
+target_command() {
+    case "$1" in
+    noop) echo "$NOOP 127.0.0.1:0" ;;
+    tallyd) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full" ;;
+    batch1) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full --batch-max 1" ;;
+    normal) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability normal" ;;
+    *) die "unknown target $1 (noop, tallyd, batch1, normal)" ;;
+    esac
+}
+target_label() {
+    case "$1" in
+    noop) echo "ceiling: examples/noop (HTTP only)" ;;
+    tallyd) echo "**tallyd** (durability full)" ;;
+    batch1) echo "naive: tallyd --batch-max 1 (full)" ;;
+    normal) echo "tallyd, durability normal (not durable on power loss)" ;;
+    esac
+}
+for target in $TARGETS; do target_command "$target" >/dev/null; done
+
+mkdir -p "$OUT"
+rm -f "$OUT"/*.log "$OUT"/*.metrics.txt
+RAW="$OUT/runs.tsv"
+printf 'target\tconns\trun\trequests\trps\tok200\tok_rps\tp50_ms\tp99_ms\thwm_mib\trss_mib\tjournal_added\tmissing\ts422\ts503\tother\tsocket_errors\tbatch_mean\tcommit_ms\texit\tverify\n' >"$RAW"
+
+# run_one TARGET CONNS RUN: one server, one wrk run, one row of $RAW.
+run_one() {
+    local target="$1" conns="$2" run="$3"
+    local name="$target-c$conns-r$run"
+    local db="$WORK/$name.db"
+    local -a cmd
+    read -r -a cmd <<<"$(target_command "$target")"
+    cmd=("${cmd[@]/#DB/$db}")
+    start_server "$OUT/$name.server.log" "${cmd[@]}"
+
+    local journal_before=0
+    [[ "$target" == noop ]] || journal_before="$(count_journal "$db")"
+
+    wrk -t"$THREADS" -c"$conns" -d"$DURATION" --timeout "$WRK_TIMEOUT" -s "$SCRIPT" "http://$SERVER_ADDR" -- "$CARDS" \
+        >"$OUT/$name.wrk.log" 2>&1 || die "wrk failed: see $OUT/$name.wrk.log"
+    local line
+    line="$(grep '^BENCH ' "$OUT/$name.wrk.log" || true)"
+    [[ -n "$line" ]] || die "no BENCH line from wrk: see $OUT/$name.wrk.log"
+
+    local hwm_kib rss_kib batch_mean="-" commit_ms="-"
+    hwm_kib="$(proc_kib "$SERVER_PID" VmHWM)"
+    rss_kib="$(proc_kib "$SERVER_PID" VmRSS)"
+    if [[ "$target" != noop ]]; then
+        curl -sf "http://$SERVER_ADDR/metrics" >"$OUT/$name.metrics.txt" || true
+        batch_mean="$(histogram_mean "$OUT/$name.metrics.txt" tallyd_batch_size 1)"
+        commit_ms="$(histogram_mean "$OUT/$name.metrics.txt" tallyd_batch_commit_duration_seconds 1000)"
+    fi
+    stop_server
+
+    local requests duration_us ok200 s422 s503 other sock p50_us p99_us
+    requests="$(bench_field "$line" requests)"
+    duration_us="$(bench_field "$line" duration_us)"
+    ok200="$(bench_field "$line" ok200)"
+    s422="$(bench_field "$line" s422)"
+    s503="$(bench_field "$line" s503)"
+    other="$(bench_field "$line" other)"
+    sock=$(($(bench_field "$line" connect_err) + $(bench_field "$line" read_err) + $(bench_field "$line" write_err) + $(bench_field "$line" timeout_err)))
+    p50_us="$(bench_field "$line" p50_us)"
+    p99_us="$(bench_field "$line" p99_us)"
+
+    local added="-" missing="-" verify="-"
+    if [[ "$target" != noop ]]; then
+        added=$(($(count_journal "$db") - journal_before))
+        missing=$((ok200 > added ? ok200 - added : 0))
+        if "$TALLYD" verify --db "$db" >"$OUT/$name.verify.log" 2>&1; then verify=ok; else verify=FAIL; fi
+    fi
+    rm -f "$db" "$db-wal" "$db-shm"
+
+    awk -v OFS='\t' -v t="$target" -v c="$conns" -v r="$run" -v n="$requests" -v d="$duration_us" \
+        -v ok="$ok200" -v p50="$p50_us" -v p99="$p99_us" -v hwm="$hwm_kib" -v rss="$rss_kib" -v added="$added" \
+        -v missing="$missing" -v s422="$s422" -v s503="$s503" -v other="$other" -v sock="$sock" \
+        -v batch="$batch_mean" -v commit="$commit_ms" -v exit_code="$SERVER_EXIT" -v verify="$verify" 'BEGIN {
+            print t, c, r, n, sprintf("%.0f", n / (d / 1e6)), ok, sprintf("%.0f", ok / (d / 1e6)),
+                sprintf("%.2f", p50 / 1000), sprintf("%.2f", p99 / 1000), sprintf("%.1f", hwm / 1024),
+                sprintf("%.1f", rss / 1024), added, missing, s422, s503, other, sock, batch, commit, exit_code, verify
+        }' >>"$RAW"
+    log "$(tail -n1 "$RAW" | awk -F'\t' '{ printf "%-7s c=%-4s run %s: %s req/s, %s 200/s, p50 %s ms, p99 %s ms, peak RSS %s MiB, journal +%s (missing %s), batch %s, commit %s ms, exit %s, verify %s", $1, $2, $3, $5, $7, $8, $9, $10, $12, $13, $18, $19, $20, $21 }')"
+}
+
+START_DATE="$(date -u '+%Y-%m-%d %H:%M UTC')"
+log "targets: $TARGETS; connections: $CONNS; $RUNS run(s) of $DURATION each; raw logs in $OUT"
+for run in $(seq 1 "$RUNS"); do
+    for conns in $CONNS; do
+        for target in $TARGETS; do
+            run_one "$target" "$conns" "$run"
+        done
+    done
+done
+
+# --- summary ------------------------------------------------------------------------------------------------
+# median TARGET CONNS COLUMN: the median of one column of $RAW over the runs ("-" when it has no numbers).
+median() {
+    awk -F'\t' -v t="$1" -v c="$2" -v col="$3" 'NR > 1 && $1 == t && $2 == c && $col != "-" { print $col }' "$RAW" |
+        sort -g | awk '{ v[NR] = $1; if ($1 !~ /^-?[0-9]+$/) decimals = 1 } END {
+            if (NR == 0) { print "-"; exit }
+            if (NR % 2) { print v[(NR + 1) / 2]; exit }
+            printf(decimals ? "%.2f\n" : "%.0f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2)
+        }'
+}
+# column_sum / column_all: totals and agreement over the runs of one target and connection count.
+column_sum() { awk -F'\t' -v t="$1" -v c="$2" -v col="$3" 'NR > 1 && $1 == t && $2 == c && $col != "-" { s += $col; n++ } END { print n ? s : "-" }' "$RAW"; }
+column_all() { awk -F'\t' -v t="$1" -v c="$2" -v col="$3" 'NR > 1 && $1 == t && $2 == c { v[$col]++ } END { s = ""; for (k in v) s = s (s ? "," : "") k; print s }' "$RAW"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
+
+disk_of() {
+    local source fstype device rota
+    read -r source fstype < <(df --output=source,fstype "$1" | tail -n1)
+    device="$(lsblk -no PKNAME "$source" 2>/dev/null | head -n1 || true)"
+    [[ -n "$device" ]] || device="$(basename "$source")"
+    rota="$(cat "/sys/block/$device/queue/rotational" 2>/dev/null || echo '?')"
+    echo "$source ($fstype, rotational=$rota)"
+}
+
+mkdir -p "$(dirname "$RESULTS")"
+{
+    echo "# tallyd benchmark results"
+    echo
+    echo "Generated by \`bench/run.sh\`; see docs/loadtest.md for how to read it."
+    echo
+    echo "- Date: $START_DATE"
+    echo "- Commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$( [[ -z "$(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock examples 2>/dev/null)" ]] || echo ' (with uncommitted changes)')"
+    echo "- Machine: $(nproc) cores ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) memory, Linux $(uname -r)"
+    echo "- Disk holding the databases: $(disk_of "$WORK")"
+    echo "- Load: $(wrk -v 2>&1 | head -n1 || true); \`-t$THREADS\`, $DURATION per run, $RUNS run(s) per row, median shown; wrk and the server share the same $(nproc) cores"
+    echo "- Each run: a fresh server on a fresh database seeded with $CARDS cards, then \`SELECT count(*) FROM journal\` and \`tallyd verify\` after a graceful stop (SIGTERM)"
+    echo
+    echo "| target | conns | req/s | 200/s | p50 ms | p99 ms | peak RSS MiB | journal rows added | 200s missing from journal (all runs) | 422 / 503 / other | socket errors | mean batch | mean commit ms | exit on SIGTERM | verify |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|"
+    for conns in $CONNS; do
+        for target in $TARGETS; do
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s / %s / %s | %s | %s | %s | %s | %s |\n' \
+                "$(target_label "$target")" "$conns" "$(median "$target" "$conns" 5)" "$(median "$target" "$conns" 7)" \
+                "$(median "$target" "$conns" 8)" "$(median "$target" "$conns" 9)" "$(median "$target" "$conns" 10)" \
+                "$(median "$target" "$conns" 12)" "$(column_sum "$target" "$conns" 13)" \
+                "$(median "$target" "$conns" 14)" "$(median "$target" "$conns" 15)" "$(median "$target" "$conns" 16)" \
+                "$(median "$target" "$conns" 17)" "$(median "$target" "$conns" 18)" "$(median "$target" "$conns" 19)" \
+                "$(column_all "$target" "$conns" 20)" "$(column_all "$target" "$conns" 21)"
+        done
+    done
+    if [[ " $TARGETS " == *" tallyd "* ]]; then
+        echo
+        echo "## tallyd (durability full) against the references and the targets"
+        echo
+        echo "| conns | tallyd 200/s | share of the noop ceiling | multiple of --batch-max 1 | target | p99 ms | met |"
+        echo "|---:|---:|---:|---:|---|---:|---|"
+        for conns in $CONNS; do
+            tps="$(median tallyd "$conns" 7)"
+            p99="$(median tallyd "$conns" 9)"
+            case "$conns" in
+            256) goal="≥ 25,000/s, p99 < 25 ms"; met="$(awk -v t="$tps" -v p="$p99" 'BEGIN { print (t >= 25000 && p < 25) ? "yes" : "no" }')" ;;
+            64) goal="≥ 15,000/s"; met="$(awk -v t="$tps" 'BEGIN { print (t >= 15000) ? "yes" : "no" }')" ;;
+            *) goal="-"; met="-" ;;
+            esac
+            echo "| $conns | $tps | $(ratio "$tps" "$(median noop "$conns" 5)") | $(ratio "$tps" "$(median batch1 "$conns" 7)") | $goal | $p99 | $met |"
+        done
+    fi
+    echo
+    echo "## Exact commands"
+    echo
+    echo '```sh'
+    echo "cargo build --release --bins --examples -j $JOBS"
+    for target in $TARGETS; do
+        echo "$(target_command "$target" | sed "s|$ROOT/||; s|DB|\$WORK/<target>-c<conns>-r<run>.db|")   # $target"
+    done
+    echo "wrk -t$THREADS -c<conns> -d$DURATION --timeout $WRK_TIMEOUT -s $SCRIPT http://<listening addr> -- $CARDS   # conns: $CONNS"
+    echo "sqlite3 \$DB 'SELECT count(*) FROM journal;'   # before and after the load"
+    echo "target/release/tallyd verify --db \$DB"
+    echo '```'
+    echo
+    echo "Whole run: \`DURATION=$DURATION RUNS=$RUNS CONNS=\"$CONNS\" TARGETS=\"$TARGETS\" bench/run.sh\`"
+    echo
+    echo "## Every run"
+    echo
+    echo "| $(head -n1 "$RAW" | sed 's/\t/ | /g') |"
+    echo "|$(head -n1 "$RAW" | awk -F'\t' '{ for (i = 1; i <= NF; i++) printf "---|" }')"
+    tail -n +2 "$RAW" | sed 's/\t/ | /g; s/^/| /; s/$/ |/'
+} >"$RESULTS"
+
+log "wrote $RESULTS"
+awk '/^\| target/ { show = 1 } show && /^$/ { exit } show' "$RESULTS"
+sed -n '/^## tallyd/,/^## Exact/p' "$RESULTS" | sed '$d'

@@ -1,0 +1,69 @@
+-- wrk script for bench/run.sh: POST /transaction with a random seeded card and a signed amount.
+--
+-- Usage: wrk -t2 -c64 -d15s -s bench/transaction.lua http://127.0.0.1:PORT -- [CARDS]
+--   CARDS: how many seeded cards `4%015d` to draw from (default 100000, as docs/CONTRACT.md seeds).
+--
+-- Every answer is counted by status in response(), and done() prints one line that bench/run.sh parses:
+--   BENCH requests=N duration_us=N ok200=N s422=N s503=N other=N ... p50_us=N p99_us=N
+-- Each 200 is a transaction tallyd says is durable: the benchmark checks the journal holds at least ok200 rows.
+
+wrk.method = "POST"
+wrk.path = "/transaction"
+wrk.headers["Content-Type"] = "application/json"
+
+-- The amounts are small beside the seeded opening balances (100,000 and up), and a little over half are
+-- deposits, so that insufficient_funds stays rare: nearly every request must commit.
+local AMOUNT_MAX = 5000
+local DEPOSIT_SHARE = 0.55
+
+local threads = {}
+
+function setup(thread)
+   thread:set("id", #threads + 1)
+   table.insert(threads, thread)
+end
+
+function init(args)
+   cards = tonumber(args[1]) or 100000
+   ok200, s422, s503, other = 0, 0, 0, 0
+   math.randomseed(os.time() * 1000 + id * 7919)
+end
+
+function request()
+   local amount = math.random(1, AMOUNT_MAX)
+   if math.random() >= DEPOSIT_SHARE then
+      amount = -amount
+   end
+   local body = string.format('{"card_number":"4%015d","amount":%d}', math.random(1, cards), amount)
+   return wrk.format(nil, nil, nil, body)
+end
+
+function response(status, headers, body)
+   if status == 200 then
+      ok200 = ok200 + 1
+   elseif status == 422 then
+      s422 = s422 + 1
+   elseif status == 503 then
+      s503 = s503 + 1
+   else
+      other = other + 1
+   end
+end
+
+function done(summary, latency, requests)
+   local totals = { ok200 = 0, s422 = 0, s503 = 0, other = 0 }
+   for _, thread in ipairs(threads) do
+      for name, _ in pairs(totals) do
+         totals[name] = totals[name] + thread:get(name)
+      end
+   end
+   local errors = summary.errors
+   io.write(string.format(
+      "BENCH requests=%d duration_us=%d ok200=%d s422=%d s503=%d other=%d " ..
+      "connect_err=%d read_err=%d write_err=%d timeout_err=%d " ..
+      "p50_us=%d p90_us=%d p99_us=%d max_us=%d\n",
+      summary.requests, summary.duration, totals.ok200, totals.s422, totals.s503, totals.other,
+      errors.connect, errors.read, errors.write, errors.timeout,
+      math.floor(latency:percentile(50)), math.floor(latency:percentile(90)),
+      math.floor(latency:percentile(99)), math.floor(latency.max)))
+end

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# scripts/ci-loadtest.sh: CI's smoke run of the goose load test (loadtest/) against a real tallyd.
+#
+# 1. The realistic mix for a few seconds against tallyd on a fresh database: goose must see no error at all
+#    (threshold error-rate<=0 over the whole run), write its reports, and every 200 must be in the journal.
+# 2. The overload scenario against tallyd with a tiny queue (--queue-depth 2 --batch-max 1): it must see
+#    503 queue_full with Retry-After and nothing unexpected, and again lose no committed transaction.
+# After each, tallyd must stop gracefully (exit 0 on SIGTERM) and `tallyd verify` must pass.
+#
+# Environment: TALLYD_BIN (default target/release/tallyd, else target/debug/tallyd), MIX_SECS (5),
+# OVERLOAD_SECS (4), JOBS (2). Prints `N passed, M failed` as its last line; exits non-zero on any failure.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+MIX_SECS="${MIX_SECS:-5}"
+OVERLOAD_SECS="${OVERLOAD_SECS:-4}"
+JOBS="${JOBS:-2}"
+
+if [[ -z "${TALLYD_BIN:-}" ]]; then
+    for candidate in "$ROOT/target/release/tallyd" "$ROOT/target/debug/tallyd"; do
+        [[ -x "$candidate" ]] && TALLYD_BIN="$candidate" && break
+    done
+fi
+[[ -x "${TALLYD_BIN:-}" ]] || { echo "ci-loadtest: set TALLYD_BIN to a built tallyd binary" >&2; exit 1; }
+
+PASSED=0
+FAILED=0
+check() { # check NAME COMMAND...: runs COMMAND, counts and prints the outcome.
+    local name="$1"
+    shift
+    if "$@"; then
+        PASSED=$((PASSED + 1))
+        echo "PASS $name"
+    else
+        FAILED=$((FAILED + 1))
+        echo "FAIL $name"
+    fi
+}
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/tallyd-ci-loadtest.XXXXXX")"
+SERVER_PID=""
+cleanup() {
+    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+echo "ci-loadtest: building loadtest/ (release)"
+cargo build --release --locked -j "$JOBS" --manifest-path loadtest/Cargo.toml
+LOADTEST="${CARGO_TARGET_DIR:-$ROOT/loadtest/target}/release/tallyd-loadtest"
+[[ -x "$LOADTEST" ]] || { echo "ci-loadtest: missing $LOADTEST" >&2; exit 1; }
+
+# start_tallyd NAME FLAGS...: tallyd on a free loopback port and a fresh database $WORK/NAME.db.
+start_tallyd() {
+    local name="$1"
+    shift
+    NO_COLOR=1 "$TALLYD_BIN" serve --listen 127.0.0.1:0 --db "$WORK/$name.db" "$@" >/dev/null 2>"$WORK/$name.server.log" &
+    SERVER_PID=$!
+    SERVER_ADDR=""
+    local tries
+    for tries in $(seq 1 600); do
+        SERVER_ADDR="$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/$name.server.log" | grep -o 'listening addr=[0-9.]*:[0-9]*' | head -n1 | cut -d= -f2 || true)"
+        [[ -n "$SERVER_ADDR" ]] && return 0
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "ci-loadtest: tallyd ($name) did not print 'listening addr=':" >&2
+    cat "$WORK/$name.server.log" >&2
+    exit 1
+}
+
+# stop_tallyd: SIGTERM, up to 30 s to drain; sets SERVER_EXIT (137 when it had to be killed).
+stop_tallyd() {
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    local tries
+    for tries in $(seq 1 300); do
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+    SERVER_EXIT=0
+    wait "$SERVER_PID" 2>/dev/null || SERVER_EXIT=$?
+    SERVER_PID=""
+}
+
+journal_rows() {
+    if command -v sqlite3 >/dev/null; then
+        sqlite3 "$1" 'SELECT count(*) FROM journal;'
+    else
+        python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("SELECT count(*) FROM journal").fetchone()[0])' "$1"
+    fi
+}
+
+# summary_field LOG NAME: a field of the loadtest's closing `tallyd-loadtest: committed=N ...` line.
+summary_field() {
+    grep '^tallyd-loadtest: committed=' "$1" | tail -n1 | tr ' ' '\n' | awk -F= -v name="$2" '$1 == name { print $2 }'
+}
+
+# run_loadtest NAME ARGS...: runs the load test, keeps its output in $WORK/NAME.loadtest.log, shows the tail
+# on failure. Returns the load test's exit code.
+run_loadtest() {
+    local name="$1"
+    shift
+    local code=0
+    "$LOADTEST" --host "http://$SERVER_ADDR" --no-telnet --quiet "$@" >"$WORK/$name.loadtest.log" 2>&1 || code=$?
+    if [[ "$code" != 0 ]]; then
+        echo "--- last lines of the $name load test (exit $code) ---"
+        tail -n 40 "$WORK/$name.loadtest.log"
+    fi
+    return "$code"
+}
+
+# A committed transaction must be in the journal: at least as many rows as 200s, and some of them.
+all_committed_in_journal() {
+    local log="$1" db="$2" committed rows
+    committed="$(summary_field "$log" committed)"
+    rows="$(journal_rows "$db")"
+    echo "  committed (200) = ${committed:-?}, journal rows = $rows"
+    [[ -n "$committed" && "$committed" -gt 0 && "$rows" -ge "$committed" ]]
+}
+
+field_is() { [ "$(summary_field "$1" "$2")" "$3" "$4" ]; }
+graceful_exit() { [[ "$SERVER_EXIT" == 0 ]] || { echo "  tallyd exited $SERVER_EXIT"; tail -n 20 "$WORK/$1.server.log"; false; }; }
+verify_db() { "$TALLYD_BIN" verify --db "$1" >"$1.verify.log" 2>&1 || { tail -n 20 "$1.verify.log"; false; }; }
+
+# --- 1: the realistic mix --------------------------------------------------------------------------------
+echo "ci-loadtest: mix for ${MIX_SECS}s"
+start_tallyd mix
+check "mix: goose saw no error (threshold error-rate<=0)" run_loadtest mix \
+    --scenarios mix --users 16 --increase-rate 16 --run-time "${MIX_SECS}s" --no-reset-metrics \
+    --threshold 'error-rate<=0' --report-file "$WORK/mix.html" --report-file "$WORK/mix.json"
+check "mix: no unexpected answer to POST /transaction" field_is "$WORK/mix.loadtest.log" unexpected = 0
+check "mix: wrote the HTML and JSON reports" test -s "$WORK/mix.html" -a -s "$WORK/mix.json"
+stop_tallyd
+check "mix: tallyd exited 0 on SIGTERM" graceful_exit mix
+check "mix: every 200 is in the journal" all_committed_in_journal "$WORK/mix.loadtest.log" "$WORK/mix.db"
+check "mix: tallyd verify passes" verify_db "$WORK/mix.db"
+
+# --- 2: overload against a tiny queue ----------------------------------------------------------------------
+echo "ci-loadtest: overload for ${OVERLOAD_SECS}s against --queue-depth 2 --batch-max 1"
+start_tallyd overload --queue-depth 2 --batch-max 1
+check "overload: only 200, 422 or 503 queue_full with Retry-After" run_loadtest overload \
+    --scenarios overload --users 64 --increase-rate 64 --run-time "${OVERLOAD_SECS}s" --no-reset-metrics \
+    --threshold 'error-rate<=0' --report-file "$WORK/overload.json"
+check "overload: saw 503 queue_full" field_is "$WORK/overload.loadtest.log" queue_full -gt 0
+stop_tallyd
+check "overload: tallyd exited 0 on SIGTERM" graceful_exit overload
+check "overload: every 200 is in the journal" all_committed_in_journal "$WORK/overload.loadtest.log" "$WORK/overload.db"
+check "overload: tallyd verify passes" verify_db "$WORK/overload.db"
+
+echo "$PASSED passed, $FAILED failed"
+[[ "$FAILED" == 0 ]]
