@@ -35,8 +35,8 @@ pub struct Server {
     child: Child,
     pub addr: SocketAddr,
     pub db: PathBuf,
-    /// Keeps the database directory alive as long as the server.
-    _dir: tempfile::TempDir,
+    /// Keeps the database directory alive as long as the server (none when the caller owns it).
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Server {
@@ -44,14 +44,16 @@ impl Server {
     pub fn start(extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let db = dir.path().join("users.db");
-        Self::start_on(dir, db, extra)
+        let mut server = Self::start_on(&db, extra);
+        server._dir = Some(dir);
+        server
     }
 
-    /// Starts the server on an existing database (restarts keep their directory).
-    pub fn start_on(dir: tempfile::TempDir, db: PathBuf, extra: &[&str]) -> Server {
+    /// Starts the server on a database the caller keeps (so that it survives restarts).
+    pub fn start_on(db: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .args(["serve", "--listen", "127.0.0.1:0", "--db"])
-            .arg(&db)
+            .arg(db)
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -63,9 +65,19 @@ impl Server {
         Server {
             child,
             addr,
-            db,
-            _dir: dir,
+            db: db.to_owned(),
+            _dir: None,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash: no drain, no clean close.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits for the process to exit.
