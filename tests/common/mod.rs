@@ -199,24 +199,41 @@ impl Reply {
 
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).await.expect("connecting to tallyd");
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("HTTP handshake");
+        Self::try_connect(addr).await.expect("connecting to tallyd")
+    }
+
+    pub async fn try_connect(addr: SocketAddr) -> Result<Client, Box<dyn std::error::Error>> {
+        let stream = TcpStream::connect(addr).await?;
+        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
-        Client { sender, addr }
+        Ok(Client { sender, addr })
     }
 
     pub async fn request(&mut self, request: Request<Full<Bytes>>) -> Reply {
-        self.sender.ready().await.expect("connection ready");
-        let response = self.sender.send_request(request).await.expect("a response");
+        self.try_request(request).await.expect("a response")
+    }
+
+    /// Like `request`, but a broken connection is an `Err` rather than a panic (for crash tests).
+    pub async fn try_request(&mut self, request: Request<Full<Bytes>>) -> Result<Reply, hyper::Error> {
+        self.sender.ready().await?;
+        let response = self.sender.send_request(request).await?;
         let (parts, body) = response.into_parts();
-        let bytes = body.collect().await.expect("the body").to_bytes();
-        Reply {
+        let bytes = body.collect().await?.to_bytes();
+        Ok(Reply {
             status: parts.status,
             headers: parts.headers,
             text: String::from_utf8_lossy(&bytes).into_owned(),
-        }
+        })
+    }
+
+    pub fn transaction_request(&self, card: &str, amount: i64) -> Request<Full<Bytes>> {
+        Request::post("/transaction")
+            .header("host", self.addr.to_string())
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(format!(
+                r#"{{"card_number":"{card}","amount":{amount}}}"#
+            ))))
+            .unwrap()
     }
 
     pub async fn get(&mut self, path: &str) -> Reply {
