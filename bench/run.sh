@@ -216,6 +216,7 @@ run_one() {
 }
 
 START_DATE="$(date -u '+%Y-%m-%d %H:%M UTC')"
+START_LOAD="$(cut -d' ' -f1-3 /proc/loadavg)"
 log "targets: $TARGETS; connections: $CONNS; $RUNS run(s) of $DURATION each; raw logs in $OUT"
 for run in $(seq 1 "$RUNS"); do
     for conns in $CONNS; do
@@ -259,6 +260,7 @@ mkdir -p "$(dirname "$RESULTS")"
     echo "- Commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$( [[ -z "$(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock examples 2>/dev/null)" ]] || echo ' (with uncommitted changes)')"
     echo "- Machine: $(nproc) cores ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) memory, Linux $(uname -r)"
     echo "- Disk holding the databases: $(disk_of "$WORK")"
+    echo "- Load average (1, 5, 15 min) before the runs: $START_LOAD; after: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews every figure; compare rows, not runs on different days)"
     echo "- Load: $(wrk -v 2>&1 | head -n1 || true); \`-t$THREADS\`, $DURATION per run, $RUNS run(s) per row, median shown; wrk and the server share the same $(nproc) cores"
     echo "- Each run: a fresh server on a fresh database seeded with $CARDS cards, then \`SELECT count(*) FROM journal\` and \`tallyd verify\` after a graceful stop (SIGTERM)"
     echo

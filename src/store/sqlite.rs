@@ -13,6 +13,7 @@
 //!   `sqlite3` shell, and past it the batch fails as a whole with 503 and nothing changed.
 //! * `cache_size` of 64 MiB: the seeded accounts table (~5 MiB) stays in memory.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -101,18 +102,24 @@ impl Store for SqliteStore {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut ids = Vec::with_capacity(postings.len());
+        // Only each card's last balance needs writing, and writing them in key order walks the
+        // accounts B-tree once instead of jumping around it.
+        let mut final_balances: BTreeMap<&str, i64> = BTreeMap::new();
         {
-            let mut update = tx.prepare_cached(UPDATE_BALANCE)?;
             let mut append = tx.prepare_cached(APPEND_JOURNAL)?;
             for posting in postings {
                 let card = posting.card.as_str();
-                if update.execute(params![card, posting.balance_after])? != 1 {
+                append.execute(params![card, posting.amount, posting.balance_after, at_unix_ms])?;
+                ids.push(tx.last_insert_rowid());
+                final_balances.insert(card, posting.balance_after);
+            }
+            let mut update = tx.prepare_cached(UPDATE_BALANCE)?;
+            for (card, balance) in final_balances {
+                if update.execute(params![card, balance])? != 1 {
                     // The engine only posts to accounts it has read; one that vanished underneath
                     // us means someone edited the database by hand. Refuse the whole batch.
                     return Err(rusqlite::Error::QueryReturnedNoRows.into());
                 }
-                append.execute(params![card, posting.amount, posting.balance_after, at_unix_ms])?;
-                ids.push(tx.last_insert_rowid());
             }
         }
         tx.commit()?;
