@@ -197,7 +197,7 @@ async fn sample_every_second(
     let mut ticker = tokio::time::interval(limits::BALANCE_SAMPLE_PERIOD);
     loop {
         ticker.tick().await;
-        let average = state.totals.lock().map(|totals| totals.average()).unwrap_or(0.0);
+        let average = state.average_balance();
         analytics.sample_balance(BalanceSample {
             unix_ms: crate::unix_ms_now(),
             average,

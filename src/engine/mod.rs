@@ -56,6 +56,13 @@ pub struct EngineState {
     pub in_progress: AtomicUsize,
 }
 
+impl EngineState {
+    /// The average committed balance (a derived float, for display).
+    pub fn average_balance(&self) -> f64 {
+        self.totals.lock().map_or(0.0, |totals| totals.average())
+    }
+}
+
 /// The handle HTTP handlers use to queue transactions. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {

@@ -229,13 +229,7 @@ async fn balance(app: &App, query: Option<&str>) -> HttpResponse {
 }
 
 fn metrics(app: &App) -> HttpResponse {
-    let average = app
-        .engine
-        .state()
-        .totals
-        .lock()
-        .map(|t| t.average())
-        .unwrap_or(0.0);
+    let average = app.engine.state().average_balance();
     telemetry::set_gauges(app.engine.queue_depth(), average, app.analytics.uptime());
     let mut response = Response::new(Full::new(Bytes::from(app.metrics.render())));
     response.headers_mut().insert(
@@ -252,13 +246,7 @@ fn stats(app: &App) -> HttpResponse {
         .map(|label| (label.as_str().to_owned(), analytics.count(*label).into()))
         .collect();
     let (samples, window) = analytics.balance_samples();
-    let current = app
-        .engine
-        .state()
-        .totals
-        .lock()
-        .map(|t| t.average())
-        .unwrap_or(0.0);
+    let current = app.engine.state().average_balance();
     json_response(
         StatusCode::OK,
         &json!({
