@@ -156,8 +156,11 @@ impl<S: Store> Ledger<S> {
                     id: ids[index],
                     balance: postings[index].balance_after,
                 },
-                (Decision::Posted(_), None) => Outcome::StorageFailed,
-                (Decision::Refused(outcome), _) => outcome,
+                // A refusal may have been decided on a balance that the failed batch staged, so only
+                // an unknown card keeps its answer; everything else is "failed, nothing changed".
+                (Decision::Refused(Outcome::CardNotFound), _) => Outcome::CardNotFound,
+                (_, None) => Outcome::StorageFailed,
+                (Decision::Refused(outcome), Some(_)) => outcome,
             })
             .collect();
         BatchReport {
@@ -186,5 +189,118 @@ impl<S: Store> Ledger<S> {
             Ok(totals) => self.totals = totals,
             Err(error) => tracing::warn!(%error, "could not re-read totals after a failed commit"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    fn card(n: u8) -> CardNumber {
+        CardNumber::parse(&format!("{n:06}")).unwrap()
+    }
+
+    fn request(n: u8, amount: i64) -> TransactionRequest {
+        TransactionRequest {
+            card: card(n),
+            amount: Amount::new(amount).unwrap(),
+        }
+    }
+
+    fn ledger(accounts: &[(u8, i64)]) -> Ledger<MemoryStore> {
+        let mut store = MemoryStore::with_accounts(accounts.iter().map(|(n, b)| (card(*n), *b)));
+        let totals = store.totals().unwrap();
+        Ledger::new(store, totals)
+    }
+
+    #[test]
+    fn the_rules_at_their_edges() {
+        let amount = |a| Amount::new(a).unwrap();
+        assert_eq!(
+            apply(100, amount(-100)),
+            Ok(0),
+            "a balance may reach exactly zero"
+        );
+        assert_eq!(apply(100, amount(-101)), Err(Refusal::InsufficientFunds));
+        assert_eq!(apply(0, amount(-1)), Err(Refusal::InsufficientFunds));
+        assert_eq!(apply(0, amount(1)), Ok(1));
+        assert_eq!(apply(i64::MAX - 1, amount(1)), Ok(i64::MAX));
+        assert_eq!(apply(i64::MAX, amount(1)), Err(Refusal::BalanceLimitExceeded));
+        assert_eq!(apply(i64::MAX, amount(-1)), Ok(i64::MAX - 1));
+    }
+
+    #[test]
+    fn each_transaction_of_a_batch_stands_or_falls_on_its_own() {
+        let mut ledger = ledger(&[(1, 100), (2, 0)]);
+        let batch = [
+            request(1, -60), // 40 left
+            request(1, -60), // refused: only 40
+            request(2, 10),  // 10
+            request(3, 5),   // no such card
+            request(1, -40), // exactly zero
+            request(2, -10), // exactly zero
+        ];
+        let report = ledger.apply_batch(batch.iter(), 0);
+        assert!(report.commit_ok);
+        assert_eq!(
+            report.outcomes,
+            [
+                Outcome::Committed { id: 1, balance: 40 },
+                Outcome::InsufficientFunds { balance: 40 },
+                Outcome::Committed { id: 2, balance: 10 },
+                Outcome::CardNotFound,
+                Outcome::Committed { id: 3, balance: 0 },
+                Outcome::Committed { id: 4, balance: 0 },
+            ]
+        );
+        assert_eq!(
+            report.totals,
+            Totals {
+                balance_sum: 0,
+                accounts: 2
+            }
+        );
+        assert_eq!(ledger.store.balances[&card(1)], 0);
+        assert_eq!(ledger.store.journal.len(), 4);
+    }
+
+    #[test]
+    fn a_failed_commit_changes_nothing_and_the_ledger_rereads_the_store() {
+        let mut ledger = ledger(&[(1, 100)]);
+        ledger.apply_batch([request(1, 50)].iter(), 0);
+        ledger.store.fail_commits = true;
+        let report = ledger.apply_batch([request(1, -120), request(1, -500), request(7, 1)].iter(), 0);
+        assert!(!report.commit_ok);
+        // The refusal was decided on the staged 30, which never reached the disk: it fails too.
+        assert_eq!(
+            report.outcomes,
+            [
+                Outcome::StorageFailed,
+                Outcome::StorageFailed,
+                Outcome::CardNotFound
+            ]
+        );
+        assert_eq!(
+            report.totals.balance_sum, 150,
+            "totals are the store's, not the failed batch's"
+        );
+        assert_eq!(ledger.store.balances[&card(1)], 150);
+
+        ledger.store.fail_commits = false;
+        let report = ledger.apply_batch([request(1, -150)].iter(), 0);
+        assert_eq!(report.outcomes, [Outcome::Committed { id: 2, balance: 0 }]);
+    }
+
+    #[test]
+    fn a_batch_of_refusals_commits_nothing() {
+        let mut ledger = ledger(&[(1, 5)]);
+        let report = ledger.apply_batch([request(1, -6), request(9, 1)].iter(), 0);
+        assert!(report.commit_ok);
+        assert_eq!(
+            report.outcomes,
+            [Outcome::InsufficientFunds { balance: 5 }, Outcome::CardNotFound]
+        );
+        assert!(ledger.store.journal.is_empty());
     }
 }

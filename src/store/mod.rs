@@ -1,9 +1,11 @@
 //! The storage boundary. The engine decides; a store only persists and reads back.
 //!
 //! [`Store`] is the write side, owned by the engine's workers (one at a time); [`BalanceReader`]
-//! is the read side, shared by HTTP handlers. SQLite implements both today ([`sqlite`]); a
+//! is the read side, shared by HTTP handlers. SQLite implements both today ([`sqlite`]); [`memory`]
+//! implements the write side for engine tests; a
 //! PostgreSQL store would implement the same two traits and nothing above this module would change.
 
+pub mod memory;
 pub mod sqlite;
 
 use crate::domain::CardNumber;
