@@ -263,8 +263,8 @@ pub struct CutReport {
     pub unsynced_pages: usize,
     /// Directories whose entries differed from their durable entries.
     pub dirs_with_unsynced_entries: usize,
-    /// `(ino, bytes kept, bytes written)` when the last unsynced write was torn.
-    pub torn: Option<(Ino, usize, usize)>,
+    /// `(durable path, bytes kept, bytes written)` when the last unsynced write was torn.
+    pub torn: Option<(PathBuf, usize, usize)>,
 }
 
 impl std::fmt::Display for CutReport {
@@ -274,10 +274,11 @@ impl std::fmt::Display for CutReport {
             "discarded unsynced data of {} files ({} pages) and unsynced entries of {} directories",
             self.files_with_unsynced_data, self.unsynced_pages, self.dirs_with_unsynced_entries
         )?;
-        if let Some((ino, kept, of)) = self.torn {
+        if let Some((path, kept, of)) = &self.torn {
             write!(
                 f,
-                "; tore the last write to inode {ino}: kept {kept} of {of} bytes"
+                "; tore the last write to {}: kept {kept} of {of} bytes",
+                path.display()
             )?;
         }
         Ok(())
@@ -690,7 +691,8 @@ impl Model {
             let kept = (1 + rng.below(sectors as u64 - 1) as usize) * SECTOR_SIZE;
             let kept = kept.min(bytes.len() - 1);
             if self.tear(*ino, *offset, &bytes[..kept]).is_ok() {
-                report.torn = Some((*ino, kept, bytes.len()));
+                let path = self.durable_paths(*ino).into_iter().next().unwrap_or_default();
+                report.torn = Some((path, kept, bytes.len()));
             }
         }
         self.frozen = true;
