@@ -2,18 +2,21 @@
 //! Pure and panic-free: this is the code the fuzzer drives.
 
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::error::ApiError;
 use crate::domain::{Amount, CardNumber, InvalidField, TransactionRequest};
 
-/// The body as JSON, before its values are checked. Fields are kept as raw JSON values so that
-/// each wrong type gets its own precise error; serde refuses unknown and duplicate fields.
+/// The body as JSON, before its values are checked. Fields are kept as their raw JSON text so that
+/// each wrong type gets its own precise error and the amount is read as an integer literal, never
+/// through a float; serde refuses unknown and duplicate fields.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawTransaction {
-    card_number: Value,
-    amount: Value,
+struct RawTransaction<'a> {
+    #[serde(borrow)]
+    card_number: &'a RawValue,
+    #[serde(borrow)]
+    amount: &'a RawValue,
 }
 
 /// Decodes and validates a `POST /transaction` body.
@@ -32,18 +35,34 @@ pub fn transaction(body: &[u8]) -> Result<TransactionRequest, ApiError> {
         ));
     }
     let raw: RawTransaction = serde_json::from_slice(body).map_err(|error| json_error(&error))?;
-    let card = match &raw.card_number {
-        Value::String(text) => CardNumber::parse(text),
-        _ => Err(InvalidField::CardNumber),
-    }
-    .map_err(|error| ApiError::bad_request("invalid_card_number", error.to_string()))?;
-    let amount = raw
-        .amount
-        .as_i64()
-        .ok_or(InvalidField::Amount)
-        .and_then(Amount::new)
-        .map_err(|error| ApiError::bad_request("invalid_amount", error.to_string()))?;
+    let card = card_number(raw.card_number)?;
+    let amount =
+        amount(raw.amount).map_err(|error| ApiError::bad_request("invalid_amount", error.to_string()))?;
     Ok(TransactionRequest { card, amount })
+}
+
+/// A card number is a JSON string (escapes allowed) of 6 to 19 ASCII digits.
+fn card_number(raw: &RawValue) -> Result<CardNumber, ApiError> {
+    let invalid = |error: InvalidField| ApiError::bad_request("invalid_card_number", error.to_string());
+    if !raw.get().starts_with('"') {
+        return Err(invalid(InvalidField::CardNumber));
+    }
+    // A string that does not decode is broken JSON (a lone surrogate escape, say), not a bad card.
+    let text: String = serde_json::from_str(raw.get()).map_err(|error| json_error(&error))?;
+    CardNumber::parse(&text).map_err(invalid)
+}
+
+/// An amount is a JSON integer literal: an optional minus and digits only, so `1.0`, `1e3` and
+/// numbers beyond any float are refused as amounts, not as malformed JSON.
+fn amount(raw: &RawValue) -> Result<Amount, InvalidField> {
+    let text = raw.get();
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(InvalidField::Amount);
+    }
+    text.parse::<i64>()
+        .map_err(|_| InvalidField::Amount)
+        .and_then(Amount::new)
 }
 
 /// Sorts serde's errors into our codes. serde reports field problems only in its message, so the
@@ -140,6 +159,14 @@ mod tests {
                 "invalid_amount",
             ),
             (r#"{"card_number":"1234567890","amount":true}"#, "invalid_amount"),
+            (r#"{"card_number":"1234567890","amount":1e400}"#, "invalid_amount"),
+            (r#"{"card_number":"1234567890","amount":-0}"#, "invalid_amount"),
+            (
+                r#"{"card_number":"1234567890","amount":9223372036854775808}"#,
+                "invalid_amount",
+            ),
+            (r#"{"card_number":1e400,"amount":5}"#, "invalid_card_number"),
+            (r#"{"card_number":"\ud800123456","amount":5}"#, "invalid_json"),
         ];
         for (body, code) in cases {
             assert_eq!(code_of(body), code, "{body}");
@@ -159,6 +186,17 @@ mod tests {
             "[".repeat(100_000),
             "]".repeat(100_000)
         );
-        assert_eq!(code_of(&deep), "invalid_json");
+        assert_eq!(
+            code_of(&deep),
+            "invalid_amount",
+            "the amount is not an integer literal"
+        );
+        let deep_card = deep.replacen("\"1234567890\"", &"[".repeat(100_000), 1);
+        assert_eq!(
+            code_of(&deep_card),
+            "invalid_json",
+            "unbalanced nesting is malformed JSON"
+        );
+        assert_eq!(code_of(&"[".repeat(100_000)), "invalid_json");
     }
 }
