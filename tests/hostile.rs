@@ -1079,3 +1079,39 @@ async fn connections_dropped_at_every_stage_leave_no_trace() {
     eprintln!("hostile: {rows} deposits from vanished clients were committed anyway (each journaled)");
     server.verify();
 }
+
+/// A client that pipelines requests and never reads the answers (a slow reader): once the socket
+/// buffers are full, hyper waits to write forever. No timeout covers a stalled write (the header
+/// timeout only runs while a head is being read, the body timeout only while a body is), so the
+/// connection and its slot are held for as long as the client likes; `--max-connections` of them
+/// lock every other client out. The limit is set to one here so that one slow reader shows it.
+#[test]
+#[ignore = "bug: a client that never reads its responses holds its connection slot forever (no write timeout)"]
+fn a_client_that_never_reads_cannot_hold_a_connection_slot() {
+    const MAX_PIPELINED: usize = 200_000;
+    let server = Server::start(&[
+        "--max-connections",
+        "1",
+        "--idle-timeout-ms",
+        &IDLE_TIMEOUT_MS.to_string(),
+        "--request-timeout-ms",
+        &REQUEST_TIMEOUT_MS.to_string(),
+    ]);
+    let mut reader_that_never_reads = RawConn::connect(server.addr);
+    let metrics = request("GET", "/metrics", &[], None);
+    let mut pipelined = 0;
+    while pipelined < MAX_PIPELINED
+        && reader_that_never_reads.send_within(&metrics, Duration::from_millis(500))
+    {
+        pipelined += 1;
+    }
+    eprintln!("hostile: the slow reader pipelined {pipelined} requests before the server stopped reading");
+    let mut waiting = RawConn::connect(server.addr);
+    assert!(waiting.send(&request("GET", "/healthz", &[], None)));
+    match waiting.read_answer(CASE_WAIT) {
+        Answer::Response(r) => assert_eq!(r.status, 200),
+        other => panic!(
+            "another client was not served within {CASE_WAIT:?} while a slow reader held the only slot: {other:?}"
+        ),
+    }
+}

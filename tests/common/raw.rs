@@ -88,6 +88,19 @@ impl RawConn {
         self.stream.flush().is_ok()
     }
 
+    /// Sends bytes, giving up (false) if they cannot all be written within `wait`: the server has
+    /// stopped reading.
+    pub fn send_within(&mut self, bytes: &[u8], wait: Duration) -> bool {
+        self.stream
+            .set_write_timeout(Some(wait))
+            .expect("a write timeout");
+        let sent = self.stream.write_all(bytes).is_ok();
+        self.stream
+            .set_write_timeout(Some(Duration::from_secs(30)))
+            .expect("a write timeout");
+        sent
+    }
+
     /// Half-closes the sending side (the client says "no more bytes").
     pub fn shutdown_write(&self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
