@@ -116,12 +116,12 @@ fn empty_object_with_headers(lines: &[&[u8]]) -> Vec<u8> {
 
 fn body_cases() -> Vec<Case> {
     use Expect::Json;
+    // Nesting is bounded only by the body limit: fields are kept as raw JSON text, which serde
+    // skims without recursion, so depth cannot overflow a stack; a deep but balanced value is just
+    // the wrong type, an unbalanced one is malformed JSON.
     let deep_array = format!("{}1{}", "[".repeat(10_000), "]".repeat(10_000));
-    let deep_object = format!(
-        "{}\"1234567890\"{}",
-        r#"{"card_number":"#.repeat(700),
-        "}".repeat(700)
-    );
+    let deep_object = format!("{}1{}", r#"{"a":"#.repeat(5_000), "}".repeat(5_000));
+    let unbalanced = format!("{}1{}", "[".repeat(10_000), "]".repeat(9_999));
     vec![
         case("empty body", post_json(b""), Json(400, "invalid_json")),
         case(
@@ -156,12 +156,37 @@ fn body_cases() -> Vec<Case> {
         case(
             "10,000-deep array nesting as the amount",
             post_json(&with_amount(&deep_array)),
+            Json(400, "invalid_amount"),
+        ),
+        case(
+            "5,000-deep object nesting as the card",
+            post_json(&with_card(deep_object.as_bytes())),
+            Json(400, "invalid_card_number"),
+        ),
+        case(
+            "10,000-deep unbalanced nesting as the amount",
+            post_json(&with_amount(&unbalanced)),
             Json(400, "invalid_json"),
         ),
         case(
-            "700-deep object nesting as the card",
-            post_json(deep_object.as_bytes()),
-            Json(400, "invalid_json"),
+            "amount 1e400",
+            post_json(&with_amount("1e400")),
+            Json(400, "invalid_amount"),
+        ),
+        case(
+            "amount -1e400",
+            post_json(&with_amount("-1e400")),
+            Json(400, "invalid_amount"),
+        ),
+        case(
+            "amount of 400 digits",
+            post_json(&with_amount(&format!("1{}", "0".repeat(399)))),
+            Json(400, "invalid_amount"),
+        ),
+        case(
+            "card 1e400",
+            post_json(&with_card(b"1e400")),
+            Json(400, "invalid_card_number"),
         ),
         case(
             "10,000 unclosed brackets",
@@ -803,39 +828,6 @@ fn every_malformed_request_gets_its_documented_answer_and_moves_nothing() {
     let stats = get_ok(&server, "/stats").json().unwrap();
     assert_eq!(stats["transactions"]["committed"], 0);
     server.verify();
-}
-
-/// JSON numbers too large for an `f64` are valid JSON (RFC 8259 sets no range), so by the README
-/// they are an out-of-range amount (`invalid_amount`), like `9223372036854775808` and `1e3` are.
-/// serde_json reports them as a syntax error, so tallyd answers `invalid_json` instead: still a
-/// JSON 400 that changes nothing, but not the documented code.
-#[test]
-#[ignore = "bug: numbers beyond f64 (1e400, 400 digits) get invalid_json, documented as invalid_amount"]
-fn numbers_beyond_f64_are_an_invalid_amount() {
-    let server = hostile_server();
-    let cases = [
-        case(
-            "amount 1e400",
-            post_json(&with_amount("1e400")),
-            Expect::Json(400, "invalid_amount"),
-        ),
-        case(
-            "amount -1e400",
-            post_json(&with_amount("-1e400")),
-            Expect::Json(400, "invalid_amount"),
-        ),
-        case(
-            "amount of 400 digits",
-            post_json(&with_amount(&format!("1{}", "0".repeat(399)))),
-            Expect::Json(400, "invalid_amount"),
-        ),
-    ];
-    let failures: Vec<String> = cases
-        .iter()
-        .filter_map(|c| run_case(&server, c).err().map(|e| format!("{}: {e}", c.name)))
-        .collect();
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert_eq!(journal_count(&server), 0);
 }
 
 /// Sends `bytes` one at a time, `gap` apart, until the server answers or closes, at most
