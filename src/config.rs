@@ -92,7 +92,8 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(10..=600_000))]
     pub request_timeout_ms: u32,
 
-    /// Longest a connection may sit idle, or take to send a request's headers, in milliseconds.
+    /// Longest a connection may sit idle, take to send a request's headers, or leave a response
+    /// unread, in milliseconds.
     #[arg(long, env = "TALLYD_IDLE_TIMEOUT_MS", default_value_t = 60_000,
           value_parser = clap::value_parser!(u32).range(10..=3_600_000))]
     pub idle_timeout_ms: u32,

@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -17,6 +18,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_io_timeout::TimeoutStream;
 
 use crate::analytics::{Analytics, BalanceSample};
 use crate::config::{limits, Config};
@@ -35,7 +37,7 @@ pub enum ServerError {
 }
 
 /// How long to back off after `accept` fails (e.g. out of file descriptors) before trying again.
-const ACCEPT_ERROR_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The binary's entry point: a tokio runtime, a listener, and SIGINT/SIGTERM as the shutdown signal.
 pub fn serve_until_signal(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
@@ -141,6 +143,7 @@ async fn accept_until(
             stream,
             Arc::clone(app),
             builder.clone(),
+            config.idle_timeout(),
             stopping.clone(),
             slot,
         ));
@@ -153,12 +156,18 @@ async fn serve_connection(
     stream: TcpStream,
     app: Arc<App>,
     builder: http1::Builder,
+    write_timeout: Duration,
     mut stopping: watch::Receiver<bool>,
     _slot: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
+    // hyper bounds reading a request head (header_read_timeout) but not writing a response: a
+    // client that never reads would hold its connection slot forever. A write that makes no
+    // progress for the idle timeout closes the connection.
+    let mut stream = TimeoutStream::new(stream);
+    stream.set_write_timeout(Some(write_timeout));
     let service = service_fn(move |request| http::handle(Arc::clone(&app), request));
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let connection = builder.serve_connection(TokioIo::new(Box::pin(stream)), service);
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
