@@ -1078,7 +1078,6 @@ async fn connections_dropped_at_every_stage_leave_no_trace() {
 /// connection and its slot are held for as long as the client likes; `--max-connections` of them
 /// lock every other client out. The limit is set to one here so that one slow reader shows it.
 #[test]
-#[ignore = "bug: a client that never reads its responses holds its connection slot forever (no write timeout)"]
 fn a_client_that_never_reads_cannot_hold_a_connection_slot() {
     const MAX_PIPELINED: usize = 200_000;
     let server = Server::start(&[
