@@ -3,17 +3,19 @@
 #
 # 1. The realistic mix for a few seconds against tallyd on a fresh database: goose must see no error at all
 #    (threshold error-rate<=0 over the whole run), write its reports, and every 200 must be in the journal.
-# 2. The overload scenario against tallyd with a tiny queue (--queue-depth 2 --batch-max 1): it must see
+# 2. The hot-card scenario (90 % of the traffic on 8 cards) the same way, without the reports.
+# 3. The overload scenario against tallyd with a tiny queue (--queue-depth 2 --batch-max 1): it must see
 #    503 queue_full with Retry-After and nothing unexpected, and again lose no committed transaction.
 # After each, tallyd must stop gracefully (exit 0 on SIGTERM) and `tallyd verify` must pass.
 #
-# Environment: TALLYD_BIN (default target/release/tallyd, else target/debug/tallyd), MIX_SECS (5),
+# Environment: TALLYD_BIN (default target/release/tallyd, else target/debug/tallyd), MIX_SECS (5), HOT_SECS (3),
 # OVERLOAD_SECS (4), JOBS (2). Prints `N passed, M failed` as its last line; exits non-zero on any failure.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 MIX_SECS="${MIX_SECS:-5}"
+HOT_SECS="${HOT_SECS:-3}"
 OVERLOAD_SECS="${OVERLOAD_SECS:-4}"
 JOBS="${JOBS:-2}"
 
@@ -141,7 +143,18 @@ check "mix: tallyd exited 0 on SIGTERM" graceful_exit mix
 check "mix: every 200 is in the journal" all_committed_in_journal "$WORK/mix.loadtest.log" "$WORK/mix.db"
 check "mix: tallyd verify passes" verify_db "$WORK/mix.db"
 
-# --- 2: overload against a tiny queue ----------------------------------------------------------------------
+# --- 2: hot cards --------------------------------------------------------------------------------------------
+echo "ci-loadtest: hotcard for ${HOT_SECS}s"
+start_tallyd hotcard
+check "hotcard: goose saw no error (threshold error-rate<=0)" run_loadtest hotcard \
+    --scenarios hotcard --users 16 --increase-rate 16 --run-time "${HOT_SECS}s" --no-reset-metrics \
+    --threshold 'error-rate<=0' --report-file "$WORK/hotcard.json"
+stop_tallyd
+check "hotcard: tallyd exited 0 on SIGTERM" graceful_exit hotcard
+check "hotcard: every 200 is in the journal" all_committed_in_journal "$WORK/hotcard.loadtest.log" "$WORK/hotcard.db"
+check "hotcard: tallyd verify passes" verify_db "$WORK/hotcard.db"
+
+# --- 3: overload against a tiny queue ----------------------------------------------------------------------
 echo "ci-loadtest: overload for ${OVERLOAD_SECS}s against --queue-depth 2 --batch-max 1"
 start_tallyd overload --queue-depth 2 --batch-max 1
 check "overload: only 200, 422 or 503 queue_full with Retry-After" run_loadtest overload \
