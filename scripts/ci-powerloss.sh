@@ -37,13 +37,28 @@ PASSED=0
 FAILED=0
 FAILED_NAMES=()
 
-# Every mount and process this script starts lives under $WORK; the driver ends its own children,
-# this is the backstop when the driver itself is killed.
+# The driver ends its own children; this is the backstop for when the driver itself was killed
+# (step timeout): it ends the processes the driver recorded in DIR/pids, by pid, and detaches the
+# mounts under DIR (lossyfs exits by itself once unmounted).
+reap() {
+    local dir="$1" pid mnt
+    if [[ -f "$dir/pids" ]]; then
+        while read -r pid; do
+            # Only a process that is still one of ours: its command line names this directory.
+            if grep -qF "$dir" "/proc/$pid/cmdline" 2>/dev/null; then
+                kill -KILL "$pid" 2>/dev/null || true
+            fi
+        done <"$dir/pids"
+    fi
+    awk -v dir="$dir" 'index($2, dir) == 1 { print $2 }' /proc/self/mounts |
+        while read -r mnt; do
+            umount -l "$mnt" 2>/dev/null || true
+        done
+}
+
 cleanup() {
-    local mnt
-    for mnt in $(awk -v work="$WORK" 'index($2, work) == 1 { print $2 }' /proc/self/mounts); do
-        umount -l "$mnt" 2>/dev/null || true
-    done
+    reap "$WORK/full"
+    reap "$WORK/normal"
     if [[ "${POWERLOSS_KEEP_TMP:-0}" == 1 ]]; then
         echo "kept $WORK"
     else
@@ -104,10 +119,12 @@ mkdir -p "$WORK/full" "$WORK/normal"
 step "tallyd durability=full: $CYCLES_FULL power cuts under load, 0 acknowledged lost" \
     python3 "$LOSSYFS_DIR/powerloss.py" --tallyd "$TALLYD_BIN" --lossyfs "$LOSSYFS_BIN" \
     --workdir "$WORK/full" --durability full --cycles "$CYCLES_FULL" "${SEED_ARGS[@]}"
+reap "$WORK/full"
 step "tallyd durability=normal: $CYCLES_NORMAL power cuts under load, losses detected" \
     python3 "$LOSSYFS_DIR/powerloss.py" --tallyd "$TALLYD_BIN" --lossyfs "$LOSSYFS_BIN" \
     --workdir "$WORK/normal" --durability normal --cycles "$CYCLES_NORMAL" --expect-loss \
     "${SEED_ARGS[@]}"
+reap "$WORK/normal"
 
 for name in "${FAILED_NAMES[@]}"; do
     echo "failed: $name"

@@ -139,6 +139,13 @@ class Rig:
         self.address = None
         self.boots = 0
 
+    def note_pids(self):
+        """Records the live children's pids, so ci-powerloss.sh can end them if this driver is
+        killed before it could."""
+        live = [child.pid for child in (self.fs, self.server) if child is not None]
+        with open(os.path.join(self.args.workdir, "pids"), "w") as pids:
+            pids.writelines("%d\n" % pid for pid in live)
+
     def is_mounted(self):
         with open("/proc/self/mounts") as mounts:
             return any(
@@ -153,6 +160,7 @@ class Rig:
             [self.args.lossyfs, "--tear-seed", str(tear_seed), self.mnt, self.disk],
             stdin=subprocess.DEVNULL, stdout=fs_log, stderr=fs_log,
         )
+        self.note_pids()
         deadline = time.monotonic() + MOUNT_TIMEOUT_S
         while not self.is_mounted():
             if self.fs.poll() is not None or time.monotonic() > deadline:
@@ -168,6 +176,7 @@ class Rig:
              "--durability", self.args.durability],
             stdin=subprocess.DEVNULL, stdout=server_log, stderr=server_log, env=env,
         )
+        self.note_pids()
         self.address = None
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
@@ -211,6 +220,7 @@ class Rig:
         self.server = None
         self.fs.wait(timeout=MOUNT_TIMEOUT_S)
         self.fs = None
+        self.note_pids()
 
     def stop_cleanly(self):
         if self.server is not None:
@@ -223,6 +233,7 @@ class Rig:
             self.fs.send_signal(signal.SIGTERM)
             self.fs.wait(timeout=MOUNT_TIMEOUT_S)
             self.fs = None
+        self.note_pids()
 
     def close(self):
         if self.server is not None:
@@ -236,6 +247,8 @@ class Rig:
                 self.fs.kill()
         if self.is_mounted():
             subprocess.run(["umount", "-l", self.mnt], check=False)
+        self.server = self.fs = None
+        self.note_pids()
 
 
 def audit(rig, ledger, tallyd):
@@ -265,9 +278,9 @@ def audit(rig, ledger, tallyd):
             problems.append("%d journal rows whose balance_after is not the running sum" % broken_chain)
         last_balance_mismatch = conn.execute(
             """SELECT count(*) FROM accounts a
-               WHERE a.balance != a.opening_balance
-                     + COALESCE((SELECT SUM(amount) FROM journal j
-                                 WHERE j.card_number = a.card_number), 0)"""
+               LEFT JOIN (SELECT card_number, SUM(amount) AS total FROM journal
+                          GROUP BY card_number) j USING (card_number)
+               WHERE a.balance != a.opening_balance + COALESCE(j.total, 0)"""
         ).fetchone()[0]
         if last_balance_mismatch:
             problems.append("%d accounts whose balance is not opening + journal" % last_balance_mismatch)

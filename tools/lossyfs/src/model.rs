@@ -225,8 +225,9 @@ struct Live {
     node: Node,
     /// Pages written or resized since the last `fsync` of this file.
     dirty: BTreeSet<usize>,
-    /// The last write since the last `fsync`, kept so a cut can tear it.
-    last_write: Option<(u64, Vec<u8>)>,
+    /// The last write since the last `fsync` (its sequence number among all writes, offset and
+    /// bytes), kept so a cut can tear it.
+    last_write: Option<(u64, u64, Vec<u8>)>,
     /// Names pointing at this inode in the volatile namespace.
     nlink: u32,
     /// Open file handles; an unlinked file lives until the last one is released.
@@ -291,6 +292,8 @@ pub struct Model {
     live: HashMap<Ino, Live>,
     durable: HashMap<Ino, Node>,
     next_ino: Ino,
+    /// Counts writes, so a cut can tell which unsynced write was issued last.
+    writes: u64,
     /// Where the durable state is mirrored; `None` in pure in-memory tests.
     mirror: Option<Mirror>,
     /// Set by a power cut or a clean shutdown: every later operation fails with EIO.
@@ -338,6 +341,7 @@ impl Model {
             live,
             durable,
             next_ino,
+            writes: 0,
             mirror,
             frozen: false,
         }
@@ -543,12 +547,14 @@ impl Model {
     }
 
     pub fn write(&mut self, ino: Ino, offset: u64, bytes: &[u8]) -> Result<usize> {
+        self.writes += 1;
+        let sequence = self.writes;
         let live = self.live_mut(ino)?;
         let Body::File(data) = &mut live.node.body else {
             return Err(libc::EISDIR);
         };
         data.write(offset, bytes, &mut live.dirty);
-        live.last_write = Some((offset, bytes.to_vec()));
+        live.last_write = Some((sequence, offset, bytes.to_vec()));
         live.node.meta.mtime = SystemTime::now();
         Ok(bytes.len())
     }
@@ -654,21 +660,23 @@ impl Model {
     }
 
     /// The power goes out: everything not yet durable is gone, and the filesystem stops answering.
-    /// With `tear_seed`, a random prefix (whole sectors) of the last unsynced write to one randomly
-    /// chosen file reaches the disk first, as a disk that loses power mid-write may do.
+    /// With `tear_seed`, a random whole-sector prefix of the write issued last (of those not yet
+    /// synced and longer than a sector) reaches the disk, as a disk losing power mid-write may do.
     pub fn cut(&mut self, tear_seed: Option<u64>) -> CutReport {
         let mut report = CutReport::default();
-        let mut tear_candidates = Vec::new();
+        // (sequence, ino, offset, bytes) of the write issued last, if it can be torn.
+        let mut last: Option<(u64, Ino, u64, Vec<u8>)> = None;
         for (ino, live) in &self.live {
             match (&live.node.body, self.durable.get(ino)) {
                 (Body::File(_), _) if !live.dirty.is_empty() => {
                     report.files_with_unsynced_data += 1;
                     report.unsynced_pages += live.dirty.len();
-                    if let Some((offset, bytes)) = &live.last_write
+                    if let Some((sequence, offset, bytes)) = &live.last_write
                         && bytes.len() > SECTOR_SIZE
                         && self.durable.contains_key(ino)
+                        && last.as_ref().is_none_or(|newest| newest.0 < *sequence)
                     {
-                        tear_candidates.push((*ino, *offset, bytes.clone()));
+                        last = Some((*sequence, *ino, *offset, bytes.clone()));
                     }
                 }
                 (
@@ -683,16 +691,13 @@ impl Model {
                 _ => {}
             }
         }
-        if let (Some(seed), false) = (tear_seed, tear_candidates.is_empty()) {
-            tear_candidates.sort_by_key(|(ino, _, _)| *ino);
+        if let (Some(seed), Some((_, ino, offset, bytes))) = (tear_seed, last) {
             let mut rng = SplitMix64(seed);
-            let (ino, offset, bytes) = &tear_candidates[rng.below(tear_candidates.len() as u64) as usize];
-            let sectors = bytes.len().div_ceil(SECTOR_SIZE);
-            let kept = (1 + rng.below(sectors as u64 - 1) as usize) * SECTOR_SIZE;
-            let kept = kept.min(bytes.len() - 1);
-            if self.tear(*ino, *offset, &bytes[..kept]).is_ok() {
-                let path = self.durable_paths(*ino).into_iter().next().unwrap_or_default();
-                report.torn = Some((path, kept, bytes.len()));
+            let sectors = bytes.len().div_ceil(SECTOR_SIZE) as u64;
+            let kept = (1 + rng.below(sectors - 1) as usize) * SECTOR_SIZE;
+            if self.tear(ino, offset, &bytes[..kept]).is_ok() {
+                let path = self.durable_paths(ino).into_iter().next();
+                report.torn = Some((path.unwrap_or_default(), kept, bytes.len()));
             }
         }
         self.frozen = true;
