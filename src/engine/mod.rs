@@ -77,9 +77,10 @@ pub struct Workers {
 }
 
 impl Engine {
-    /// Loads the totals from `store` and starts `config.workers` workers on it.
-    pub fn start<S: Store>(mut store: S, config: &Config) -> Result<(Engine, Workers), StoreError> {
-        let totals = store.totals()?;
+    /// Loads every balance from `store` and starts `config.workers` workers on it.
+    pub fn start<S: Store>(store: S, config: &Config) -> Result<(Engine, Workers), StoreError> {
+        let ledger = Ledger::load(store)?;
+        let totals = ledger.totals();
         let state = Arc::new(EngineState {
             totals: Mutex::new(totals),
             writable: true.into(),
@@ -87,7 +88,7 @@ impl Engine {
         });
         let capacity = config.queue_depth as usize;
         let (queue, receiver) = flume::bounded(capacity);
-        let ledger = Arc::new(Mutex::new(Ledger::new(store, totals)));
+        let ledger = Arc::new(Mutex::new(ledger));
         let limits = worker::BatchLimits {
             max: config.batch_max as usize,
             wait: config.batch_wait(),

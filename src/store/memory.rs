@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::{Posting, Store, StoreError, Totals};
+use super::{Posting, Store, StoreError};
 use crate::domain::CardNumber;
 
 #[derive(Debug, Default)]
@@ -46,10 +46,11 @@ impl Store for MemoryStore {
         Ok(ids)
     }
 
-    fn totals(&mut self) -> Result<Totals, StoreError> {
-        Ok(Totals {
-            balance_sum: self.balances.values().map(|b| i128::from(*b)).sum(),
-            accounts: self.balances.len() as i64,
-        })
+    fn balances(&mut self) -> Result<Vec<(CardNumber, i64)>, StoreError> {
+        Ok(self
+            .balances
+            .iter()
+            .map(|(card, balance)| (card.clone(), *balance))
+            .collect())
     }
 }

@@ -60,8 +60,9 @@ pub trait Store: Send + 'static {
     /// Returns the journal ids in the order of `postings`.
     fn commit(&mut self, postings: &[Posting], at_unix_ms: i64) -> Result<Vec<i64>, StoreError>;
 
-    /// Sum and count of all balances, read once at start-up.
-    fn totals(&mut self) -> Result<Totals, StoreError>;
+    /// Every account's committed balance, read at start-up (and after a failed commit) so that
+    /// batches are decided without reads.
+    fn balances(&mut self) -> Result<Vec<(CardNumber, i64)>, StoreError>;
 }
 
 /// The read side: committed balances, never blocked by a writer.
