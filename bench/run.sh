@@ -13,7 +13,7 @@
 #   DURATION=15s   wrk's -d for each run            RUNS=3        runs per target and connection count
 #   CONNS="64 256" connection counts                 THREADS=2     wrk's -t (the machine has 2 cores)
 #   TARGETS="noop tallyd batch1 normal"              QUICK=1       DURATION=3s RUNS=1, results to bench/out/
-#   (also: workers1, workers4: tallyd with --workers 1 or 4, to compare pool sizes)
+#   (also: workers1, workers2, workers4: tallyd with --workers N, to compare pool sizes)
 #   RESULTS=path   where the table goes              BENCH_TMP=dir where the fresh databases go (default /tmp)
 #   JOBS=2         cargo build -j                    SKIP_BUILD=1  use the binaries already built
 # Every server listens on 127.0.0.1 with a port the OS picks; every process it starts is killed on exit.
@@ -140,8 +140,9 @@ target_command() {
     batch1) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full --batch-max 1" ;;
     normal) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability normal" ;;
     workers1) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full --workers 1" ;;
+    workers2) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full --workers 2" ;;
     workers4) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full --workers 4" ;;
-    *) die "unknown target $1 (noop, tallyd, batch1, normal, workers1, workers4)" ;;
+    *) die "unknown target $1 (noop, tallyd, batch1, normal, workers1, workers2, workers4)" ;;
     esac
 }
 target_label() {
@@ -151,6 +152,7 @@ target_label() {
     batch1) echo "naive: tallyd --batch-max 1 (full)" ;;
     normal) echo "tallyd, durability normal (not durable on power loss)" ;;
     workers1) echo "tallyd --workers 1 (full)" ;;
+    workers2) echo "tallyd --workers 2 (full)" ;;
     workers4) echo "tallyd --workers 4 (full)" ;;
     esac
 }

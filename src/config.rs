@@ -58,7 +58,7 @@ pub struct Config {
     pub seed: Option<PathBuf>,
 
     /// Worker threads that commit batches (they take turns on SQLite's single writer).
-    #[arg(long, env = "TALLYD_WORKERS", default_value_t = 2,
+    #[arg(long, env = "TALLYD_WORKERS", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: u16,
 

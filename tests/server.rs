@@ -467,7 +467,7 @@ async fn graceful_shutdown_commits_and_answers_what_was_queued() {
 
 #[tokio::test]
 async fn metrics_and_stats_count_what_was_sent() {
-    let server = Server::start(&[]);
+    let server = Server::start(&["--workers", "3"]);
     let mut client = server.client().await;
     for _ in 0..3 {
         assert_eq!(client.transaction(DEMO_CARD, 100).await.status, StatusCode::OK);
@@ -511,7 +511,11 @@ async fn metrics_and_stats_count_what_was_sent() {
         series_value(&series, "tallyd_transaction_duration_seconds_count", &[]),
         Some(7.0)
     );
-    assert_eq!(series_value(&series, "tallyd_workers", &[]), Some(2.0));
+    assert_eq!(
+        series_value(&series, "tallyd_workers", &[]),
+        Some(3.0),
+        "--workers reaches the engine"
+    );
     assert_eq!(series_value(&series, "tallyd_queue_capacity", &[]), Some(8192.0));
     assert!(series_value(&series, "tallyd_queue_depth", &[]).is_some());
     assert!(series_value(&series, "tallyd_uptime_seconds", &[]).unwrap() > 0.0);

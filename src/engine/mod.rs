@@ -7,8 +7,14 @@
 //! the process. What the pool buys is overlap: while one worker holds the ledger and waits for
 //! fsync, another has already taken the next transaction off the queue and is waiting for the
 //! lock; when it gets it, it drains everything that piled up meanwhile into one batch. Replies and
-//! metrics are sent after the lock is released. Two workers is the default: measured on 2 cores,
-//! more only adds contention (see bench/RESULTS.md).
+//! metrics are sent after the lock is released.
+//!
+//! One worker is the default, by measurement: on the 2-core machines we run on, `bench/run.sh`
+//! gave 47k/55k durable transactions/s with one worker at 64/256 connections, 43k/49k with two and
+//! 41k/49k with four (bench/RESULTS.md, 2026-11-25). With one worker every transaction that arrives
+//! during a commit lands in the next batch, so batches are larger (23 and 68 against 20 and 53) and
+//! no thread is woken only to wait for the lock; the overlap a second worker buys is worth less
+//! than the CPU it takes from HTTP and wrk. `--workers` is there for machines with more cores.
 //!
 //! A worker never waits for a batch to fill when the queue is empty (`--batch-wait-us` is 0 by
 //! default): with fewer clients than the batch limit, waiting only adds latency, and batches grow
