@@ -9,12 +9,13 @@
 //! lock; when it gets it, it drains everything that piled up meanwhile into one batch. Replies and
 //! metrics are sent after the lock is released.
 //!
-//! One worker is the default, by measurement: on the 2-core machines we run on, `bench/run.sh`
-//! gave 47k/55k durable transactions/s with one worker at 64/256 connections, 43k/49k with two and
-//! 41k/49k with four (bench/RESULTS.md, 2026-11-25). With one worker every transaction that arrives
-//! during a commit lands in the next batch, so batches are larger (23 and 68 against 20 and 53) and
-//! no thread is woken only to wait for the lock; the overlap a second worker buys is worth less
-//! than the CPU it takes from HTTP and wrk. `--workers` is there for machines with more cores.
+//! One worker is the default, by measurement (`bench/run.sh`, two runs of 3 × 15 s on 2026-11-25,
+//! on these 2-core machines). At 64 connections one worker beat two in all six pairings (43-50k
+//! against 40-44k durable transactions/s, p99 9-11 ms against 11-15 ms); at 256 connections the two
+//! were within the noise of each other (42-56k against 47-56k) and four was never better. With one
+//! worker every transaction that arrives during a commit lands in the next batch, and no thread is
+//! woken only to wait for the lock; the overlap a second worker buys is worth less than the CPU it
+//! takes from HTTP on 2 cores. `--workers` is there for machines with more cores.
 //!
 //! A worker never waits for a batch to fill when the queue is empty (`--batch-wait-us` is 0 by
 //! default): with fewer clients than the batch limit, waiting only adds latency, and batches grow
