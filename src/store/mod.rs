@@ -46,6 +46,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("read pool: {0}")]
     Pool(#[from] r2d2::Error),
+    #[error("cannot start a store thread: {0}")]
+    Thread(#[source] std::io::Error),
     #[error("seed file {path}: {source}")]
     Seed { path: String, source: std::io::Error },
 }
