@@ -79,37 +79,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# start_server LOG CMD...: starts CMD in the background and sets SERVER_PID and SERVER_ADDR from its
-# `listening addr=IP:PORT` line.
-start_server() {
-    local server_log="$1"
-    shift
-    NO_COLOR=1 RUST_LOG="${RUST_LOG:-info}" "$@" >/dev/null 2>"$server_log" &
-    SERVER_PID=$!
-    SERVER_ADDR=""
-    local tries
-    for tries in $(seq 1 1200); do
-        SERVER_ADDR="$(sed 's/\x1b\[[0-9;]*m//g' "$server_log" | grep -o 'listening addr=[0-9.]*:[0-9]*' | head -n1 | cut -d= -f2 || true)"
-        [[ -n "$SERVER_ADDR" ]] && return 0
-        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$server_log" >&2; die "server exited before listening: $*"; }
-        sleep 0.1
-    done
-    die "no 'listening addr=' line within 120 s from: $*"
-}
-
-# stop_server: SIGTERM (graceful drain), up to 60 s, then SIGKILL. Sets SERVER_EXIT.
-stop_server() {
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    local tries
-    for tries in $(seq 1 600); do
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$SERVER_PID" 2>/dev/null || true
-    SERVER_EXIT=0
-    wait "$SERVER_PID" 2>/dev/null || SERVER_EXIT=$?
-    SERVER_PID=""
-}
+# start_server and stop_server.
+source "$ROOT/scripts/lib/server.sh"
 
 # proc_kib PID FIELD: a VmHWM/VmRSS figure from /proc, in KiB.
 proc_kib() { awk -v field="$2:" '$1 == field { print $2 }' "/proc/$1/status"; }
@@ -171,7 +142,7 @@ run_one() {
     local -a cmd
     read -r -a cmd <<<"$(target_command "$target")"
     cmd=("${cmd[@]/#DB/$db}")
-    start_server "$OUT/$name.server.log" "${cmd[@]}"
+    start_server "$OUT/$name.server.log" "${cmd[@]}" || die "could not start: ${cmd[*]}"
 
     local journal_before=0
     [[ "$target" == noop ]] || journal_before="$(count_journal "$db")"

@@ -57,37 +57,14 @@ cargo build --release --locked -j "$JOBS" --manifest-path loadtest/Cargo.toml
 LOADTEST="${CARGO_TARGET_DIR:-$ROOT/loadtest/target}/release/tallyd-loadtest"
 [[ -x "$LOADTEST" ]] || { echo "ci-loadtest: missing $LOADTEST" >&2; exit 1; }
 
+# start_server and stop_server.
+source "$ROOT/scripts/lib/server.sh"
+
 # start_tallyd NAME FLAGS...: tallyd on a free loopback port and a fresh database $WORK/NAME.db.
 start_tallyd() {
     local name="$1"
     shift
-    NO_COLOR=1 "$TALLYD_BIN" serve --listen 127.0.0.1:0 --db "$WORK/$name.db" "$@" >/dev/null 2>"$WORK/$name.server.log" &
-    SERVER_PID=$!
-    SERVER_ADDR=""
-    local tries
-    for tries in $(seq 1 600); do
-        SERVER_ADDR="$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/$name.server.log" | grep -o 'listening addr=[0-9.]*:[0-9]*' | head -n1 | cut -d= -f2 || true)"
-        [[ -n "$SERVER_ADDR" ]] && return 0
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    echo "ci-loadtest: tallyd ($name) did not print 'listening addr=':" >&2
-    cat "$WORK/$name.server.log" >&2
-    exit 1
-}
-
-# stop_tallyd: SIGTERM, up to 30 s to drain; sets SERVER_EXIT (137 when it had to be killed).
-stop_tallyd() {
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    local tries
-    for tries in $(seq 1 300); do
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$SERVER_PID" 2>/dev/null || true
-    SERVER_EXIT=0
-    wait "$SERVER_PID" 2>/dev/null || SERVER_EXIT=$?
-    SERVER_PID=""
+    start_server "$WORK/$name.server.log" "$TALLYD_BIN" serve --listen 127.0.0.1:0 --db "$WORK/$name.db" "$@" || exit 1
 }
 
 journal_rows() {
@@ -138,7 +115,7 @@ check "mix: goose saw no error (threshold error-rate<=0)" run_loadtest mix \
     --threshold 'error-rate<=0' --report-file "$WORK/mix.html" --report-file "$WORK/mix.json"
 check "mix: no unexpected answer to POST /transaction" field_is "$WORK/mix.loadtest.log" unexpected = 0
 check "mix: wrote the HTML and JSON reports" test -s "$WORK/mix.html" -a -s "$WORK/mix.json"
-stop_tallyd
+stop_server
 check "mix: tallyd exited 0 on SIGTERM" graceful_exit mix
 check "mix: every 200 is in the journal" all_committed_in_journal "$WORK/mix.loadtest.log" "$WORK/mix.db"
 check "mix: tallyd verify passes" verify_db "$WORK/mix.db"
@@ -149,7 +126,7 @@ start_tallyd hotcard
 check "hotcard: goose saw no error (threshold error-rate<=0)" run_loadtest hotcard \
     --scenarios hotcard --users 16 --increase-rate 16 --run-time "${HOT_SECS}s" --no-reset-metrics \
     --threshold 'error-rate<=0' --report-file "$WORK/hotcard.json"
-stop_tallyd
+stop_server
 check "hotcard: tallyd exited 0 on SIGTERM" graceful_exit hotcard
 check "hotcard: every 200 is in the journal" all_committed_in_journal "$WORK/hotcard.loadtest.log" "$WORK/hotcard.db"
 check "hotcard: tallyd verify passes" verify_db "$WORK/hotcard.db"
@@ -161,7 +138,7 @@ check "overload: only 200, 422 or 503 queue_full with Retry-After" run_loadtest 
     --scenarios overload --users 64 --increase-rate 64 --run-time "${OVERLOAD_SECS}s" --no-reset-metrics \
     --threshold 'error-rate<=0' --report-file "$WORK/overload.json"
 check "overload: saw 503 queue_full" field_is "$WORK/overload.loadtest.log" queue_full -gt 0
-stop_tallyd
+stop_server
 check "overload: tallyd exited 0 on SIGTERM" graceful_exit overload
 check "overload: every 200 is in the journal" all_committed_in_journal "$WORK/overload.loadtest.log" "$WORK/overload.db"
 check "overload: tallyd verify passes" verify_db "$WORK/overload.db"
