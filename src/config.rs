@@ -104,6 +104,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(0..=600_000))]
     pub busy_timeout_ms: u32,
 
+    /// How long `serve` waits for another tallyd holding the same database to exit, in
+    /// milliseconds (0: refuse to start at once). Useful for a rolling restart; two processes
+    /// never write one database at the same time either way.
+    #[arg(long, env = "TALLYD_LOCK_WAIT_MS", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=600_000))]
+    pub lock_wait_ms: u32,
+
     /// Most connections served at once; further ones wait in the listen backlog.
     #[arg(long, env = "TALLYD_MAX_CONNECTIONS", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -147,6 +154,9 @@ impl Config {
     }
     pub fn busy_timeout(&self) -> Duration {
         Duration::from_millis(u64::from(self.busy_timeout_ms))
+    }
+    pub fn lock_wait(&self) -> Duration {
+        Duration::from_millis(u64::from(self.lock_wait_ms))
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(u64::from(self.idle_timeout_ms))

@@ -43,33 +43,45 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 pub fn serve_until_signal(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
+        // The store first: a database held by another tallyd is refused before we listen.
+        let store = open_store(&config).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(ServerError::Listen)?;
-        run(listener, config, shutdown_signal()).await?;
+        run(listener, store, config, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
 }
 
-/// Serves on `listener` until `shutdown` completes, then drains and returns.
+/// Takes the database's writer lock and opens it (creating and seeding a new one), off the reactor.
+pub async fn open_store(config: &Config) -> Result<SqliteStore, ServerError> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || {
+        SqliteStore::open(
+            &config.db,
+            config.durability,
+            config.busy_timeout(),
+            config.seed.as_deref(),
+            config.lock_wait(),
+        )
+    })
+    .await
+    .expect("opening the store does not panic")
+    .map_err(ServerError::Store)
+}
+
+/// Serves `store` on `listener` until `shutdown` completes, then drains and returns.
 pub async fn run(
     listener: TcpListener,
+    store: SqliteStore,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let (engine, workers) = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || {
-            let store = SqliteStore::open(
-                &config.db,
-                config.durability,
-                config.busy_timeout(),
-                config.seed.as_deref(),
-            )?;
-            Engine::start(store, &config)
-        })
-        .await
-        .expect("opening the store does not panic")?
+        tokio::task::spawn_blocking(move || Engine::start(store, &config))
+            .await
+            .expect("starting the engine does not panic")?
     };
     let reader = SqliteReader::open(&config.db)?;
     let metrics = telemetry::metrics_handle();

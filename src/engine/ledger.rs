@@ -69,6 +69,10 @@ pub struct Ledger<S> {
     totals: Totals,
 }
 
+/// How often a batch is decided again when the store says another writer changed the database
+/// underneath it; past this the batch fails with 503 and nothing changed.
+const COMMIT_ATTEMPTS_MAX: u32 = 3;
+
 enum Decision {
     Posted(usize),
     Refused(Outcome),
@@ -104,9 +108,49 @@ impl<S: Store> Ledger<S> {
     /// happened to each.
     pub fn apply_batch<'a>(
         &mut self,
-        requests: impl ExactSizeIterator<Item = &'a TransactionRequest>,
+        requests: impl ExactSizeIterator<Item = &'a TransactionRequest> + Clone,
         at_unix_ms: i64,
     ) -> BatchReport {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (decisions, postings, staged) = self.decide(requests.clone());
+            let commit = if postings.is_empty() {
+                Ok(Vec::new())
+            } else {
+                self.store.commit(&postings, at_unix_ms)
+            };
+            let ids = match commit {
+                Err(StoreError::ChangedOutside) if attempts < COMMIT_ATTEMPTS_MAX => {
+                    // Someone outside tallyd wrote to the database: decide again on what it holds now.
+                    tracing::warn!("the database was changed outside tallyd; re-reading balances and deciding the batch again");
+                    self.resync();
+                    continue;
+                }
+                Ok(ids) => {
+                    let staged: Vec<(CardNumber, i64)> = staged
+                        .into_iter()
+                        .map(|(card, balance)| (card.clone(), balance))
+                        .collect();
+                    self.balances.extend(staged);
+                    self.totals.balance_sum += postings.iter().map(|p| i128::from(p.amount)).sum::<i128>();
+                    Some(ids)
+                }
+                Err(error) => {
+                    tracing::error!(%error, transactions = postings.len(), "a batch failed to commit; nothing of it was written");
+                    self.resync();
+                    None
+                }
+            };
+            return self.report(decisions, &postings, ids);
+        }
+    }
+
+    /// Decides each request against the committed balances and the ones staged before it.
+    fn decide<'a>(
+        &mut self,
+        requests: impl ExactSizeIterator<Item = &'a TransactionRequest>,
+    ) -> (Vec<Decision>, Vec<Posting>, HashMap<&'a CardNumber, i64>) {
         let mut decisions = Vec::with_capacity(requests.len());
         let mut postings: Vec<Posting> = Vec::new();
         let mut staged: HashMap<&CardNumber, i64> = HashMap::new();
@@ -144,25 +188,10 @@ impl<S: Store> Ledger<S> {
                 }
             });
         }
-        let commit = if postings.is_empty() {
-            Ok(Vec::new())
-        } else {
-            self.store.commit(&postings, at_unix_ms)
-        };
-        let ids = match commit {
-            Ok(ids) => {
-                for (card, balance) in staged {
-                    self.balances.insert(card.clone(), balance);
-                }
-                self.totals.balance_sum += postings.iter().map(|p| i128::from(p.amount)).sum::<i128>();
-                Some(ids)
-            }
-            Err(error) => {
-                tracing::error!(%error, transactions = postings.len(), "a batch failed to commit; nothing of it was written");
-                self.resync();
-                None
-            }
-        };
+        (decisions, postings, staged)
+    }
+
+    fn report(&self, decisions: Vec<Decision>, postings: &[Posting], ids: Option<Vec<i64>>) -> BatchReport {
         let outcomes = decisions
             .into_iter()
             .map(|decision| match (decision, &ids) {

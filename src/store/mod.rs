@@ -4,7 +4,20 @@
 //! is the read side, shared by HTTP handlers. SQLite implements both today ([`sqlite`]); [`memory`]
 //! implements the write side for engine tests; a
 //! PostgreSQL store would implement the same two traits and nothing above this module would change.
+//!
+//! What each backend guarantees about writers, and how:
+//! * SQLite: **one writing tallyd per database file.** [`sqlite::SqliteStore::open`] takes an
+//!   exclusive `flock` on `<db>.lock` ([`lock`]) before it touches the file, and holds it until the
+//!   store is dropped or the process dies; a second `serve` is refused (or waits, with
+//!   `--lock-wait-ms`) before it listens. The engine may therefore decide against balances it holds
+//!   in memory. Writers outside tallyd (a `sqlite3` shell) are not locked out, so every commit
+//!   checks `PRAGMA data_version` under SQLite's write lock: if another connection committed since
+//!   our last commit, the batch is refused whole, the ledger re-reads every balance and decides the
+//!   batch again, so an outside change is never overwritten.
+//! * PostgreSQL (to come): many tallyd instances on one database; the database decides, under row
+//!   locks taken in one global order, and no instance trusts balances it holds in memory.
 
+pub mod lock;
 pub mod memory;
 pub mod sqlite;
 
@@ -48,6 +61,11 @@ pub enum StoreError {
     Pool(#[from] r2d2::Error),
     #[error("cannot start a store thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    Locked(#[from] lock::LockError),
+    /// Another connection committed since our last commit; nothing of this batch was written.
+    #[error("the database was changed by another writer since the last commit")]
+    ChangedOutside,
     #[error("seed file {path}: {source}")]
     Seed { path: String, source: std::io::Error },
 }

@@ -24,6 +24,7 @@ use std::time::Duration;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
+use super::lock::WriterLock;
 use super::{BalanceReader, Posting, Store, StoreError};
 use crate::config::{limits, Durability};
 use crate::domain::CardNumber;
@@ -51,6 +52,11 @@ const SELECT_BALANCE: &str = "SELECT balance FROM accounts WHERE card_number = ?
 /// The write side of SQLite.
 pub struct SqliteStore {
     conn: Connection,
+    /// `PRAGMA data_version` after our last commit: it changes only when another connection
+    /// commits, which is how a write from outside tallyd is noticed.
+    data_version: i64,
+    /// This process is the database's only tallyd writer while it holds this.
+    _lock: WriterLock,
     /// Copies committed WAL frames into the database file in the background; stops when dropped.
     _checkpointer: Checkpointer,
 }
@@ -93,13 +99,16 @@ impl Checkpointer {
 }
 
 impl SqliteStore {
-    /// Opens (or creates and seeds) the database at `path`.
+    /// Takes the database's writer lock (waiting up to `lock_wait` for another tallyd to exit),
+    /// then opens (or creates and seeds) the database at `path`.
     pub fn open(
         path: &Path,
         durability: Durability,
         busy_timeout: Duration,
         seed: Option<&Path>,
+        lock_wait: Duration,
     ) -> Result<Self, StoreError> {
+        let lock = WriterLock::acquire(path, lock_wait)?;
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(busy_timeout)?;
         // Only takes effect on a new, empty database; an existing one keeps its page size.
@@ -129,11 +138,18 @@ impl SqliteStore {
             tracing::info!(db = %path.display(), "created a new database from the seed");
         }
         let checkpointer = Checkpointer::start(path)?;
+        let data_version = data_version(&conn)?;
         Ok(Self {
             conn,
+            data_version,
+            _lock: lock,
             _checkpointer: checkpointer,
         })
     }
+}
+
+fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA data_version", [], |row| row.get(0))
 }
 
 fn has_schema(conn: &Connection) -> rusqlite::Result<bool> {
@@ -155,6 +171,14 @@ impl Store for SqliteStore {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Under the write lock nobody else can commit, so this is the moment to ask whether anyone
+        // did since our last commit (a sqlite3 shell, say): the batch was decided on balances
+        // that may be stale, so it is refused whole and the ledger re-reads and decides again.
+        let version = data_version(&tx)?;
+        if version != self.data_version {
+            self.data_version = version;
+            return Err(StoreError::ChangedOutside);
+        }
         let mut ids = Vec::with_capacity(postings.len());
         // Only each card's last balance needs writing, and writing them in key order walks the
         // accounts B-tree once instead of jumping around it.
