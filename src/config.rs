@@ -111,6 +111,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(0..=600_000))]
     pub lock_wait_ms: u32,
 
+    /// How long an idempotency key and its stored answer are kept at least, in seconds; then it
+    /// is pruned in the background and the same key is a new key.
+    #[arg(long, env = "TALLYD_IDEMPOTENCY_RETENTION_S", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u32).range(1..=31_536_000))]
+    pub idempotency_retention_s: u32,
+
     /// Most connections served at once; further ones wait in the listen backlog.
     #[arg(long, env = "TALLYD_MAX_CONNECTIONS", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -154,6 +160,9 @@ impl Config {
     }
     pub fn busy_timeout(&self) -> Duration {
         Duration::from_millis(u64::from(self.busy_timeout_ms))
+    }
+    pub fn idempotency_retention(&self) -> Duration {
+        Duration::from_secs(u64::from(self.idempotency_retention_s))
     }
     pub fn lock_wait(&self) -> Duration {
         Duration::from_millis(u64::from(self.lock_wait_ms))

@@ -1,5 +1,6 @@
-//! The vocabulary of a card transaction: validated card numbers and amounts, and the request
-//! that carries them. Everything here is pure; a value that exists has passed validation.
+//! The vocabulary of the ledger: validated card numbers, amounts, references and idempotency keys,
+//! the accounts money moves between, and one typed [`Command`] per kind of request. Everything here
+//! is pure; a value that exists has passed validation.
 
 use std::fmt;
 
@@ -17,6 +18,49 @@ pub enum InvalidField {
     CardNumber,
     #[error("amount must be a non-zero integer number of minor units between -{AMOUNT_ABS_MAX} and {AMOUNT_ABS_MAX}")]
     Amount,
+    #[error("amount must be a positive integer number of minor units of at most {AMOUNT_ABS_MAX}")]
+    PositiveAmount,
+    #[error("reference must be a string of at most {REFERENCE_BYTES_MAX} bytes")]
+    Reference,
+    #[error(
+        "the Idempotency-Key header must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} printable ASCII characters"
+    )]
+    IdempotencyKey,
+}
+
+/// Longest `reference` of a transfer, in bytes of UTF-8.
+pub const REFERENCE_BYTES_MAX: usize = 255;
+/// Longest `Idempotency-Key`, in bytes (printable ASCII, so also in characters).
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
+/// The name of the system account that stands for the outside world: every deposit is a transfer
+/// from it and every withdrawal a transfer to it, so it may go negative. It can never be named as
+/// a card (a card number is digits only).
+pub const WORLD_ACCOUNT: &str = "@world";
+
+/// An account money moves between: a card, or the outside world.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Account {
+    Card(CardNumber),
+    World,
+}
+
+impl Account {
+    /// The account's name as the store and the API show it: the card's digits, or [`WORLD_ACCOUNT`].
+    pub fn name(&self) -> &str {
+        match self {
+            Account::Card(card) => card.as_str(),
+            Account::World => WORLD_ACCOUNT,
+        }
+    }
+
+    /// Reads a stored name back.
+    pub fn from_name(name: &str) -> Option<Self> {
+        if name == WORLD_ACCOUNT {
+            Some(Account::World)
+        } else {
+            CardNumber::parse(name).ok().map(Account::Card)
+        }
+    }
 }
 
 /// A card number: 6 to 19 ASCII digits, kept as text so that leading zeros survive.
@@ -70,11 +114,15 @@ impl Amount {
     }
 }
 
-/// Deposits and withdrawals are counted apart in metrics.
+/// What a transaction is: how it is stored, shown and counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// From the outside world to a card.
     Deposit,
+    /// From a card to the outside world.
     Withdrawal,
+    /// From one card to another.
+    Transfer,
 }
 
 impl Kind {
@@ -82,15 +130,135 @@ impl Kind {
         match self {
             Kind::Deposit => "deposit",
             Kind::Withdrawal => "withdrawal",
+            Kind::Transfer => "transfer",
         }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "deposit" => Kind::Deposit,
+            "withdrawal" => Kind::Withdrawal,
+            "transfer" => Kind::Transfer,
+            _ => return None,
+        })
     }
 }
 
-/// A validated `POST /transaction`.
+/// A validated `POST /transaction`: a deposit or a withdrawal on one card.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransactionRequest {
     pub card: CardNumber,
     pub amount: Amount,
+}
+
+/// A positive amount in minor units, at most [`AMOUNT_ABS_MAX`]: what a transfer moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PositiveAmount(i64);
+
+impl PositiveAmount {
+    pub fn new(minor_units: i64) -> Result<Self, InvalidField> {
+        if (1..=AMOUNT_ABS_MAX).contains(&minor_units) {
+            Ok(Self(minor_units))
+        } else {
+            Err(InvalidField::PositiveAmount)
+        }
+    }
+
+    pub fn minor_units(self) -> i64 {
+        self.0
+    }
+}
+
+/// Free text a client attaches to a transfer, at most [`REFERENCE_BYTES_MAX`] bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference(String);
+
+impl Reference {
+    pub fn new(text: String) -> Result<Self, InvalidField> {
+        if text.len() <= REFERENCE_BYTES_MAX {
+            Ok(Self(text))
+        } else {
+            Err(InvalidField::Reference)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A validated `POST /transfers`: source and destination are different cards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferRequest {
+    pub source: CardNumber,
+    pub destination: CardNumber,
+    pub amount: PositiveAmount,
+    pub reference: Option<Reference>,
+}
+
+/// A validated `POST /accounts`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenAccountRequest {
+    pub card: CardNumber,
+}
+
+/// One request the engine decides, typed by kind; each has its own outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    OpenAccount(OpenAccountRequest),
+    Transaction(TransactionRequest),
+    Transfer(TransferRequest),
+}
+
+impl Command {
+    /// The route an idempotency key is scoped to: the same key on two routes is two keys.
+    pub fn scope(&self) -> &'static str {
+        match self {
+            Command::OpenAccount(_) => "/accounts",
+            Command::Transaction(_) => "/transaction",
+            Command::Transfer(_) => "/transfers",
+        }
+    }
+
+    /// The parsed request as canonical text: a retry under the same idempotency key must have the
+    /// same fingerprint (however its JSON was spaced or ordered), and a different request never does.
+    pub fn fingerprint(&self) -> String {
+        let text = |value: &str| serde_json::Value::from(value).to_string();
+        match self {
+            Command::OpenAccount(open) => format!("open {}", open.card),
+            Command::Transaction(tx) => format!("transaction {} {}", tx.card, tx.amount.minor_units()),
+            Command::Transfer(transfer) => format!(
+                "transfer {} {} {} {}",
+                transfer.source,
+                transfer.destination,
+                transfer.amount.minor_units(),
+                transfer
+                    .reference
+                    .as_ref()
+                    .map_or_else(|| "null".to_owned(), |r| text(r.as_str()))
+            ),
+        }
+    }
+}
+
+/// A client's `Idempotency-Key`: 1 to [`IDEMPOTENCY_KEY_BYTES_MAX`] printable ASCII characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub fn parse(bytes: &[u8]) -> Result<Self, InvalidField> {
+        let printable = bytes.iter().all(|b| (0x20..=0x7e).contains(b));
+        if !bytes.is_empty() && bytes.len() <= IDEMPOTENCY_KEY_BYTES_MAX && printable {
+            // Printable ASCII is UTF-8.
+            Ok(Self(String::from_utf8_lossy(bytes).into_owned()))
+        } else {
+            Err(InvalidField::IdempotencyKey)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 #[cfg(test)]
@@ -117,6 +285,44 @@ mod tests {
         ] {
             assert_eq!(CardNumber::parse(bad), Err(InvalidField::CardNumber), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn idempotency_keys_are_printable_ascii_of_bounded_length() {
+        assert!(IdempotencyKey::parse(b"a").is_ok());
+        assert!(IdempotencyKey::parse(b" ~ key with spaces ~ ").is_ok());
+        assert!(IdempotencyKey::parse(&[b'k'; IDEMPOTENCY_KEY_BYTES_MAX]).is_ok());
+        for bad in [
+            &b""[..],
+            &[b'k'; IDEMPOTENCY_KEY_BYTES_MAX + 1],
+            b"tab\there",
+            b"\x7f",
+            "é".as_bytes(),
+        ] {
+            assert_eq!(
+                IdempotencyKey::parse(bad),
+                Err(InvalidField::IdempotencyKey),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn fingerprints_tell_requests_apart_and_nothing_else() {
+        let transfer = |reference: Option<&str>| {
+            Command::Transfer(TransferRequest {
+                source: CardNumber::parse("111111").unwrap(),
+                destination: CardNumber::parse("222222").unwrap(),
+                amount: PositiveAmount::new(5).unwrap(),
+                reference: reference.map(|r| Reference::new(r.to_owned()).unwrap()),
+            })
+        };
+        assert_eq!(transfer(None).fingerprint(), transfer(None).fingerprint());
+        assert_ne!(transfer(None).fingerprint(), transfer(Some("null")).fingerprint());
+        assert_ne!(
+            transfer(Some("a b")).fingerprint(),
+            transfer(Some("a")).fingerprint()
+        );
     }
 
     #[test]

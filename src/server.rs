@@ -79,7 +79,7 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let (engine, workers) = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || Engine::start(store, &config))
+        tokio::task::spawn_blocking(move || Engine::start(store, &config, http::render))
             .await
             .expect("starting the engine does not panic")?
     };

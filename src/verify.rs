@@ -9,8 +9,8 @@ pub fn run(db: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if !db.exists() {
         return Err(format!("no database at {}", db.display()).into());
     }
-    let (journal_rows, checks) = sqlite::verify(db)?;
-    println!("verifying {} ({journal_rows} journal rows)", db.display());
+    let (transactions, checks) = sqlite::verify(db)?;
+    println!("verifying {} ({transactions} transactions)", db.display());
     let mut failed = 0;
     for check in &checks {
         let verdict = if check.violations == 0 { "ok" } else { "FAILED" };

@@ -610,7 +610,7 @@ fn head_cases() -> Vec<Case> {
         ),
         case(
             "an unknown path",
-            request("POST", "/transactions", &[], Some(b"{}")),
+            request("POST", "/transaction/1", &[], Some(b"{}")),
             Json(404, "not_found"),
         ),
         case(

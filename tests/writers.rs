@@ -200,14 +200,19 @@ async fn an_outside_write_while_tallyd_runs_is_noticed_and_kept() {
             [],
         )
         .unwrap();
+    // Known at once, even to a batch that would otherwise write nothing.
+    let reply = client.get("/accounts/5555000011112222").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    let reply = client.transaction("5555000011112222", -800).await;
+    assert_eq!(reply.error_code(), "insufficient_funds", "{}", reply.text);
+
     // And an adjustment to an account tallyd holds in memory (every seeded card is loaded at
     // start): without noticing it, tallyd would write its cached balance plus the next deposit
     // and erase the 500.
     let (card, opening) = common::seeded_card(1);
     outside
         .execute(
-            "UPDATE accounts SET opening_balance = opening_balance + 500, balance = balance + 500 \
-             WHERE card_number = ?1",
+            "UPDATE ledger_accounts SET opening_balance = opening_balance + 500 WHERE name = ?1",
             [&card],
         )
         .unwrap();
@@ -217,5 +222,15 @@ async fn an_outside_write_while_tallyd_runs_is_noticed_and_kept() {
     let reply = client.transaction("5555000011112222", -200).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
     assert_eq!(reply.json()["balance"], 500);
+    server.verify();
+
+    // What the schema refuses to anyone: rewriting or deleting history.
+    for sql in [
+        "UPDATE entries SET amount = amount + 1",
+        "DELETE FROM transactions",
+        "UPDATE accounts SET balance = 0",
+    ] {
+        assert!(outside.execute(sql, []).is_err(), "{sql} was allowed");
+    }
     server.verify();
 }

@@ -67,10 +67,10 @@ pub fn check(body: &[u8]) {
             assert_eq!(request.amount.minor_units(), amount, "amount of {}", shown(body));
         }
         (Expected::Refuse(code), Err(error)) => {
-            assert_eq!(error.code, code, "code for {}: {error:?}", shown(body));
+            assert_eq!(error.code.as_str(), code, "code for {}: {error:?}", shown(body));
         }
         (Expected::Malformed, Err(error)) => assert!(
-            MALFORMED_CODES.contains(&error.code),
+            MALFORMED_CODES.contains(&error.code.as_str()),
             "{} is not JSON but was refused with {:?}",
             shown(body),
             error.code
@@ -123,13 +123,13 @@ fn check_accepted(body: &[u8], request: &TransactionRequest) {
 /// belong to other errors.
 fn check_refused(body: &[u8], error: &ApiError) {
     assert_eq!(
-        error.status.as_u16(),
+        error.status().as_u16(),
         400,
         "status for {}: {error:?}",
         shown(body)
     );
     assert!(
-        DOCUMENTED_CODES.contains(&error.code),
+        DOCUMENTED_CODES.contains(&error.code.as_str()),
         "undocumented code for {}: {error:?}",
         shown(body)
     );
@@ -137,6 +137,7 @@ fn check_refused(body: &[u8], error: &ApiError) {
     assert_eq!(error.balance, None, "balance on {error:?}");
     assert_eq!(error.allow, None, "allow on {error:?}");
     assert_eq!(error.retry_after, None, "retry_after on {error:?}");
+    assert_eq!(error.card_number, None, "card_number on {error:?}");
 }
 
 /// The domain parsers agree with the rules on the same bytes: the whole input as a card number,

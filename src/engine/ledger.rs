@@ -1,51 +1,101 @@
 //! The ledger's rules and the state they are decided against.
 //!
 //! The ledger holds every account's balance in memory, exactly as last committed, loaded once at
-//! start-up, so that a batch is decided without a single read; the store only writes. Within a batch each
-//! transaction is decided against the balance left by the ones before it, and each succeeds or
-//! fails on its own: a refused withdrawal does not undo its neighbours. Memory is about 60
-//! bytes per account (6 MB for the 100,000 seeded cards). An account added to the database by hand
-//! while tallyd runs is read on first use.
+//! start-up, so that a batch is decided without reading a balance; the store only writes (and
+//! looks up idempotency keys). Within a batch each command is decided against the state left by
+//! the ones before it, and each succeeds or fails **as a whole and on its own**: a transfer's two
+//! legs are staged together or not at all, and a refused command does not undo its neighbours.
+//!
+//! Every movement is double entry: a [`TransactionRecord`] with two legs that sum to zero. A
+//! deposit is a transfer from the outside world ([`Account::World`], which may go negative) to a
+//! card, a withdrawal one from a card to the outside world. Ids are assigned here, in order, by the
+//! one writer, so a command's whole answer is known when it is decided: a keyed command's answer
+//! is rendered then and stored in the same commit as its effect.
+//!
+//! Idempotency: a keyed command first looks for its key, in this batch and then in the store. The
+//! same request under a used key gets the stored answer back and moves nothing; a different request
+//! under it is refused. Because a batch is decided and committed before the next one is decided, a
+//! retry that arrives while its first request is queued or committing simply finds the first one's
+//! answer: there is never a second execution.
+//!
+//! Memory is about 60 bytes per account (6 MB for the 100,000 seeded cards).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use crate::domain::{Amount, CardNumber, TransactionRequest};
-use crate::store::{Posting, Store, StoreError, Totals};
+use crate::domain::{
+    Account, Amount, CardNumber, Command, IdempotencyKey, Kind, OpenAccountRequest, TransactionRequest,
+    TransferRequest,
+};
+use crate::store::{
+    Batch, IdempotencyRecord, LedgerState, Leg, NewAccount, Store, StoreError, StoredAnswer, Totals,
+    TransactionRecord,
+};
 
-/// The answer to one transaction. A refusal is an outcome, not an error: the request was valid
-/// and the ledger said no. Every variant but `Committed` means nothing was written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the engine decided for one command. A refusal is an outcome, not an error: the request
+/// was valid and the ledger said no. Only `Opened`, `Posted` and `Transferred` changed anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// On disk, as durable as configured. `balance` is the account's balance after it.
-    Committed { id: i64, balance: i64 },
-    /// A withdrawal larger than the balance.
-    InsufficientFunds { balance: i64 },
-    /// No account has this card number.
-    CardNotFound,
-    /// A deposit that would push the balance past i64::MAX minor units.
-    BalanceLimitExceeded { balance: i64 },
+    /// `POST /accounts`: the account exists now, with balance zero.
+    Opened { created_at_ms: i64 },
+    /// `POST /transaction`: on disk. `balance` is the card's balance after it.
+    Posted {
+        id: i64,
+        balance: i64,
+        created_at_ms: i64,
+    },
+    /// `POST /transfers`: on disk, both legs.
+    Transferred {
+        id: i64,
+        source_balance: i64,
+        destination_balance: i64,
+        created_at_ms: i64,
+    },
+    /// Decided, and nothing changed.
+    Refused(Refusal),
+    /// The key was used before by the same request: its first answer, byte for byte.
+    Replayed(StoredAnswer),
     /// The batch could not be committed (disk full, read-only, I/O error). Nothing changed.
     StorageFailed,
 }
 
-/// Why the rules refuse an amount on a balance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why the ledger said no.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
+    /// The debit is larger than the balance.
+    InsufficientFunds { balance: i64 },
+    /// No account has this card number.
+    CardNotFound { card: CardNumber },
+    /// The credit would push the balance past i64::MAX minor units.
+    BalanceLimitExceeded { balance: i64 },
+    /// `POST /accounts` for a card that has an account.
+    AccountExists,
+    /// The idempotency key was used before with a different request.
+    IdempotencyKeyReused,
+}
+
+/// Turns an outcome into what the client is answered (status and body). Given by the HTTP layer at
+/// start-up, so that a keyed command's answer is stored with its effect while the engine stays free
+/// of HTTP.
+pub type Render = fn(&Command, &Outcome) -> (u16, Vec<u8>);
+
+/// Why a debit or credit of a card is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CardRule {
     InsufficientFunds,
     BalanceLimitExceeded,
 }
 
 /// The rule of a card account: the new balance, or why there is none. Balances never go below
 /// zero and arithmetic never wraps.
-pub fn apply(balance: i64, amount: Amount) -> Result<i64, Refusal> {
+pub fn apply(balance: i64, amount: Amount) -> Result<i64, CardRule> {
     match balance.checked_add(amount.minor_units()) {
         None => Err(if amount.minor_units() > 0 {
-            Refusal::BalanceLimitExceeded
+            CardRule::BalanceLimitExceeded
         } else {
             // Only reachable from a negative balance, which the store's CHECK forbids.
-            Refusal::InsufficientFunds
+            CardRule::InsufficientFunds
         }),
-        Some(new) if new < 0 => Err(Refusal::InsufficientFunds),
+        Some(new) if new < 0 => Err(CardRule::InsufficientFunds),
         Some(new) => Ok(new),
     }
 }
@@ -53,50 +103,76 @@ pub fn apply(balance: i64, amount: Amount) -> Result<i64, Refusal> {
 /// What a batch did, for the worker to report.
 #[derive(Debug)]
 pub struct BatchReport {
-    /// One per request, in order.
+    /// One per command, in order.
     pub outcomes: Vec<Outcome>,
-    /// Sum and count of all balances after the batch.
+    /// Sum and count of all card balances after the batch.
     pub totals: Totals,
     /// Whether the store accepted the batch's commit (true when there was nothing to commit).
     pub commit_ok: bool,
-}
-
-/// Balances in memory in front of a store.
-pub struct Ledger<S> {
-    store: S,
-    /// Committed balances of every account.
-    balances: HashMap<CardNumber, i64>,
-    totals: Totals,
 }
 
 /// How often a batch is decided again when the store says another writer changed the database
 /// underneath it; past this the batch fails with 503 and nothing changed.
 const COMMIT_ATTEMPTS_MAX: u32 = 3;
 
-enum Decision {
-    Posted(usize),
-    Refused(Outcome),
+/// Balances in memory in front of a store.
+pub struct Ledger<S> {
+    store: S,
+    /// Committed balances of every card account.
+    cards: HashMap<CardNumber, i64>,
+    /// The outside world's committed balance.
+    world: i64,
+    next_id: i64,
+    /// Timestamps never go backwards, so that ids and times agree (`/balance?at=` relies on it).
+    last_at_ms: i64,
+    totals: Totals,
+    render: Render,
+    /// True after the store could not be read back: nothing is decided until a reload succeeds.
+    stale: bool,
+}
+
+/// One batch being decided: its writes, and the balances it has staged over the committed ones.
+struct Staging<'a> {
+    batch: Batch,
+    cards: HashMap<&'a CardNumber, i64>,
+    opened: HashSet<&'a CardNumber>,
+    world: i64,
+    next_id: i64,
+    /// Keys used earlier in this batch, with the answer they got.
+    keys: HashMap<(&'static str, &'a IdempotencyKey), StoredAnswer>,
 }
 
 impl<S: Store> Ledger<S> {
     /// Loads every balance from `store`.
-    pub fn load(store: S) -> Result<Self, StoreError> {
+    pub fn load(store: S, render: Render) -> Result<Self, StoreError> {
         let mut ledger = Self {
             store,
-            balances: HashMap::new(),
+            cards: HashMap::new(),
+            world: 0,
+            next_id: 1,
+            last_at_ms: 0,
             totals: Totals::default(),
+            render,
+            stale: false,
         };
         ledger.reload()?;
         Ok(ledger)
     }
 
     fn reload(&mut self) -> Result<(), StoreError> {
-        let balances = self.store.balances()?;
+        let LedgerState {
+            cards,
+            world,
+            next_transaction_id,
+        } = self.store.load()?;
         self.totals = Totals {
-            balance_sum: balances.iter().map(|(_, balance)| i128::from(*balance)).sum(),
-            accounts: balances.len() as i64,
+            balance_sum: cards.iter().map(|(_, balance)| i128::from(*balance)).sum(),
+            accounts: cards.len() as i64,
         };
-        self.balances = balances.into_iter().collect();
+        self.cards = cards.into_iter().collect();
+        self.world = world;
+        self.next_id = next_transaction_id;
+        self.stale = false;
         Ok(())
     }
 
@@ -104,245 +180,311 @@ impl<S: Store> Ledger<S> {
         self.totals
     }
 
-    /// Decides every request, commits the accepted ones in one store transaction, and says what
+    /// Decides every command, commits what they change in one store transaction, and says what
     /// happened to each.
-    pub fn apply_batch<'a>(
-        &mut self,
-        requests: impl ExactSizeIterator<Item = &'a TransactionRequest> + Clone,
-        at_unix_ms: i64,
-    ) -> BatchReport {
+    pub fn apply_batch<'a, I>(&mut self, commands: I, at_unix_ms: i64) -> BatchReport
+    where
+        I: Iterator<Item = (&'a Command, Option<&'a IdempotencyKey>)> + Clone,
+    {
+        let at = at_unix_ms.max(self.last_at_ms);
+        self.last_at_ms = at;
+        if !self.stale && self.store.changed_outside().unwrap_or(true) {
+            tracing::warn!("the database was changed outside tallyd; re-reading balances");
+            self.stale = true;
+        }
+        if self.stale && self.reload().is_err() {
+            let outcomes = commands.map(|_| Outcome::StorageFailed).collect();
+            return self.report(outcomes, false);
+        }
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let (decisions, postings, staged) = self.decide(requests.clone());
-            let commit = if postings.is_empty() {
-                Ok(Vec::new())
+            let (outcomes, staging) = self.decide(commands.clone(), at);
+            let commit = if staging.batch.is_empty() {
+                Ok(())
             } else {
-                self.store.commit(&postings, at_unix_ms)
+                self.store.commit(&staging.batch)
             };
-            let ids = match commit {
-                Err(StoreError::ChangedOutside) if attempts < COMMIT_ATTEMPTS_MAX => {
+            match commit {
+                Err(StoreError::Conflict(_)) if attempts < COMMIT_ATTEMPTS_MAX => {
                     // Someone outside tallyd wrote to the database: decide again on what it holds now.
                     tracing::warn!("the database was changed outside tallyd; re-reading balances and deciding the batch again");
                     self.resync();
-                    continue;
                 }
-                Ok(ids) => {
-                    let staged: Vec<(CardNumber, i64)> = staged
-                        .into_iter()
-                        .map(|(card, balance)| (card.clone(), balance))
-                        .collect();
-                    self.balances.extend(staged);
-                    self.totals.balance_sum += postings.iter().map(|p| i128::from(p.amount)).sum::<i128>();
-                    Some(ids)
+                Ok(()) => {
+                    self.absorb(staging);
+                    return self.report(outcomes, true);
                 }
                 Err(error) => {
-                    tracing::error!(%error, transactions = postings.len(), "a batch failed to commit; nothing of it was written");
+                    tracing::error!(%error, commands = outcomes.len(), "a batch failed to commit; nothing of it was written");
                     self.resync();
-                    None
+                    return self.report(outcomes, false);
                 }
-            };
-            return self.report(decisions, &postings, ids);
+            }
         }
     }
 
-    /// Decides each request against the committed balances and the ones staged before it.
-    fn decide<'a>(
-        &mut self,
-        requests: impl ExactSizeIterator<Item = &'a TransactionRequest>,
-    ) -> (Vec<Decision>, Vec<Posting>, HashMap<&'a CardNumber, i64>) {
-        let mut decisions = Vec::with_capacity(requests.len());
-        let mut postings: Vec<Posting> = Vec::new();
-        let mut staged: HashMap<&CardNumber, i64> = HashMap::new();
-        for request in requests {
-            let current = match staged.get(&request.card) {
-                Some(balance) => *balance,
-                None => match self.committed_balance(&request.card) {
-                    Ok(Some(balance)) => balance,
-                    Ok(None) => {
-                        decisions.push(Decision::Refused(Outcome::CardNotFound));
-                        continue;
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, "reading a balance failed");
-                        decisions.push(Decision::Refused(Outcome::StorageFailed));
-                        continue;
-                    }
-                },
-            };
-            decisions.push(match apply(current, request.amount) {
-                Ok(balance_after) => {
-                    staged.insert(&request.card, balance_after);
-                    postings.push(Posting {
-                        card: request.card.clone(),
-                        amount: request.amount.minor_units(),
-                        balance_after,
-                    });
-                    Decision::Posted(postings.len() - 1)
-                }
-                Err(Refusal::InsufficientFunds) => {
-                    Decision::Refused(Outcome::InsufficientFunds { balance: current })
-                }
-                Err(Refusal::BalanceLimitExceeded) => {
-                    Decision::Refused(Outcome::BalanceLimitExceeded { balance: current })
-                }
-            });
-        }
-        (decisions, postings, staged)
+    /// Deletes idempotency records older than `before_unix_ms`, at most `rows_max` of them.
+    pub fn prune_idempotency(&mut self, before_unix_ms: i64, rows_max: u32) -> Result<usize, StoreError> {
+        self.store.prune_idempotency(before_unix_ms, rows_max)
     }
 
-    fn report(&self, decisions: Vec<Decision>, postings: &[Posting], ids: Option<Vec<i64>>) -> BatchReport {
-        let outcomes = decisions
-            .into_iter()
-            .map(|decision| match (decision, &ids) {
-                (Decision::Posted(index), Some(ids)) => Outcome::Committed {
-                    id: ids[index],
-                    balance: postings[index].balance_after,
-                },
-                // A refusal may have been decided on a balance that the failed batch staged, so only
-                // an unknown card keeps its answer; everything else is "failed, nothing changed".
-                (Decision::Refused(Outcome::CardNotFound), _) => Outcome::CardNotFound,
-                (_, None) => Outcome::StorageFailed,
-                (Decision::Refused(outcome), Some(_)) => outcome,
-            })
+    fn decide<'a, I>(&mut self, commands: I, at: i64) -> (Vec<Outcome>, Staging<'a>)
+    where
+        I: Iterator<Item = (&'a Command, Option<&'a IdempotencyKey>)>,
+    {
+        let mut staging = Staging {
+            batch: Batch {
+                at_unix_ms: at,
+                ..Batch::default()
+            },
+            cards: HashMap::new(),
+            opened: HashSet::new(),
+            world: self.world,
+            next_id: self.next_id,
+            keys: HashMap::new(),
+        };
+        let outcomes = commands
+            .map(|(command, key)| self.decide_keyed(&mut staging, command, key))
             .collect();
+        (outcomes, staging)
+    }
+
+    /// One command under its idempotency key, if it has one.
+    fn decide_keyed<'a>(
+        &mut self,
+        staging: &mut Staging<'a>,
+        command: &'a Command,
+        key: Option<&'a IdempotencyKey>,
+    ) -> Outcome {
+        let Some(key) = key else {
+            return self.execute(staging, command);
+        };
+        let scope = command.scope();
+        let earlier = match staging.keys.get(&(scope, key)) {
+            Some(answer) => Some(answer.clone()),
+            None => match self.store.idempotent_answer(scope, key) {
+                Ok(found) => found,
+                Err(error) => {
+                    tracing::error!(%error, "looking up an idempotency key failed");
+                    return Outcome::StorageFailed;
+                }
+            },
+        };
+        let fingerprint = command.fingerprint();
+        if let Some(answer) = earlier {
+            return if answer.fingerprint == fingerprint {
+                Outcome::Replayed(answer)
+            } else {
+                Outcome::Refused(Refusal::IdempotencyKeyReused)
+            };
+        }
+        let outcome = self.execute(staging, command);
+        let transaction_id = match outcome {
+            Outcome::Posted { id, .. } | Outcome::Transferred { id, .. } => Some(id),
+            Outcome::Opened { .. } | Outcome::Refused(_) => None,
+            // Nothing was decided: a retry must be free to run.
+            Outcome::Replayed(_) | Outcome::StorageFailed => return outcome,
+        };
+        if let (Some(id), Some(record)) = (transaction_id, staging.batch.transactions.last_mut()) {
+            debug_assert_eq!(record.id, id);
+            record.idempotency_key = Some(key.clone());
+        }
+        let (status, body) = (self.render)(command, &outcome);
+        let stored = StoredAnswer {
+            fingerprint,
+            status,
+            body,
+        };
+        staging.keys.insert((scope, key), stored.clone());
+        staging.batch.idempotency.push(IdempotencyRecord {
+            scope,
+            key: key.clone(),
+            stored,
+            transaction_id,
+        });
+        outcome
+    }
+
+    fn execute<'a>(&mut self, staging: &mut Staging<'a>, command: &'a Command) -> Outcome {
+        let decided = match command {
+            Command::OpenAccount(open) => self.open(staging, open),
+            Command::Transaction(transaction) => self.post(staging, transaction),
+            Command::Transfer(transfer) => self.transfer(staging, transfer),
+        };
+        decided.unwrap_or_else(Outcome::Refused)
+    }
+
+    fn balance(&self, staging: &Staging<'_>, card: &CardNumber) -> Result<i64, Refusal> {
+        staging
+            .cards
+            .get(card)
+            .or_else(|| self.cards.get(card))
+            .copied()
+            .ok_or_else(|| Refusal::CardNotFound { card: card.clone() })
+    }
+
+    fn open<'a>(&self, staging: &mut Staging<'a>, open: &'a OpenAccountRequest) -> Result<Outcome, Refusal> {
+        if self.cards.contains_key(&open.card) || staging.opened.contains(&open.card) {
+            return Err(Refusal::AccountExists);
+        }
+        staging.opened.insert(&open.card);
+        staging.cards.insert(&open.card, 0);
+        staging.batch.accounts.push(NewAccount {
+            card: open.card.clone(),
+        });
+        Ok(Outcome::Opened {
+            created_at_ms: staging.batch.at_unix_ms,
+        })
+    }
+
+    /// A deposit (from the outside world) or a withdrawal (to it).
+    fn post<'a>(
+        &self,
+        staging: &mut Staging<'a>,
+        request: &'a TransactionRequest,
+    ) -> Result<Outcome, Refusal> {
+        let current = self.balance(staging, &request.card)?;
+        let card_after = apply(current, request.amount).map_err(|rule| match rule {
+            CardRule::InsufficientFunds => Refusal::InsufficientFunds { balance: current },
+            CardRule::BalanceLimitExceeded => Refusal::BalanceLimitExceeded { balance: current },
+        })?;
+        let amount = request.amount.minor_units();
+        // The outside world moves the other way; it may go negative but never wraps.
+        let world_after = staging
+            .world
+            .checked_sub(amount)
+            .ok_or(Refusal::BalanceLimitExceeded { balance: current })?;
+        let card_leg = Leg {
+            account: Account::Card(request.card.clone()),
+            amount,
+            balance_after: card_after,
+        };
+        let world_leg = Leg {
+            account: Account::World,
+            amount: -amount,
+            balance_after: world_after,
+        };
+        let (kind, legs) = match request.amount.kind() {
+            Kind::Withdrawal => (Kind::Withdrawal, [card_leg, world_leg]),
+            _ => (Kind::Deposit, [world_leg, card_leg]),
+        };
+        let id = stage(staging, kind, amount.abs(), None, legs);
+        staging.cards.insert(&request.card, card_after);
+        staging.world = world_after;
+        Ok(Outcome::Posted {
+            id,
+            balance: card_after,
+            created_at_ms: staging.batch.at_unix_ms,
+        })
+    }
+
+    fn transfer<'a>(
+        &self,
+        staging: &mut Staging<'a>,
+        request: &'a TransferRequest,
+    ) -> Result<Outcome, Refusal> {
+        let source = self.balance(staging, &request.source)?;
+        let destination = self.balance(staging, &request.destination)?;
+        let amount = request.amount.minor_units();
+        let source_after = source
+            .checked_sub(amount)
+            .filter(|after| *after >= 0)
+            .ok_or(Refusal::InsufficientFunds { balance: source })?;
+        let destination_after = destination
+            .checked_add(amount)
+            .ok_or(Refusal::BalanceLimitExceeded { balance: destination })?;
+        let legs = [
+            Leg {
+                account: Account::Card(request.source.clone()),
+                amount: -amount,
+                balance_after: source_after,
+            },
+            Leg {
+                account: Account::Card(request.destination.clone()),
+                amount,
+                balance_after: destination_after,
+            },
+        ];
+        let id = stage(staging, Kind::Transfer, amount, request.reference.clone(), legs);
+        staging.cards.insert(&request.source, source_after);
+        staging.cards.insert(&request.destination, destination_after);
+        Ok(Outcome::Transferred {
+            id,
+            source_balance: source_after,
+            destination_balance: destination_after,
+            created_at_ms: staging.batch.at_unix_ms,
+        })
+    }
+
+    /// After a successful commit, the staged balances are the committed ones.
+    fn absorb(&mut self, staging: Staging<'_>) {
+        let card_delta: i128 = staging
+            .batch
+            .transactions
+            .iter()
+            .flat_map(|record| &record.legs)
+            .filter(|leg| matches!(leg.account, Account::Card(_)))
+            .map(|leg| i128::from(leg.amount))
+            .sum();
+        self.totals.balance_sum += card_delta;
+        self.totals.accounts += staging.batch.accounts.len() as i64;
+        for (card, balance) in staging.cards {
+            self.cards.insert(card.clone(), balance);
+        }
+        self.world = staging.world;
+        self.next_id = staging.next_id;
+    }
+
+    fn report(&self, outcomes: Vec<Outcome>, commit_ok: bool) -> BatchReport {
+        // A failed batch changed nothing, and every answer in it may have been decided on state it
+        // staged: all of them are "failed, nothing changed", and a retry may run.
+        let outcomes = if commit_ok {
+            outcomes
+        } else {
+            vec![Outcome::StorageFailed; outcomes.len()]
+        };
         BatchReport {
             outcomes,
             totals: self.totals,
-            commit_ok: ids.is_some(),
+            commit_ok,
         }
-    }
-
-    fn committed_balance(&mut self, card: &CardNumber) -> Result<Option<i64>, StoreError> {
-        if let Some(balance) = self.balances.get(card) {
-            return Ok(Some(*balance));
-        }
-        let balance = self.store.balance(card)?;
-        if let Some(balance) = balance {
-            self.balances.insert(card.clone(), balance);
-        }
-        Ok(balance)
     }
 
     /// After a failed commit, forget what memory says and trust the store again: an I/O error
     /// may leave the store's state uncertain, and memory must never run ahead of the disk. If the
-    /// store cannot even be read, balances are read again one by one as cards come up.
+    /// store cannot even be read, nothing is decided until it can be (every batch fails with 503).
     fn resync(&mut self) {
         if let Err(error) = self.reload() {
             tracing::warn!(%error, "could not re-read balances after a failed commit");
-            self.balances.clear();
+            self.stale = true;
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::memory::MemoryStore;
-
-    fn card(n: u8) -> CardNumber {
-        CardNumber::parse(&format!("{n:06}")).unwrap()
-    }
-
-    fn request(n: u8, amount: i64) -> TransactionRequest {
-        TransactionRequest {
-            card: card(n),
-            amount: Amount::new(amount).unwrap(),
-        }
-    }
-
-    fn ledger(accounts: &[(u8, i64)]) -> Ledger<MemoryStore> {
-        let store = MemoryStore::with_accounts(accounts.iter().map(|(n, b)| (card(*n), *b)));
-        Ledger::load(store).unwrap()
-    }
-
-    #[test]
-    fn the_rules_at_their_edges() {
-        let amount = |a| Amount::new(a).unwrap();
-        assert_eq!(
-            apply(100, amount(-100)),
-            Ok(0),
-            "a balance may reach exactly zero"
-        );
-        assert_eq!(apply(100, amount(-101)), Err(Refusal::InsufficientFunds));
-        assert_eq!(apply(0, amount(-1)), Err(Refusal::InsufficientFunds));
-        assert_eq!(apply(0, amount(1)), Ok(1));
-        assert_eq!(apply(i64::MAX - 1, amount(1)), Ok(i64::MAX));
-        assert_eq!(apply(i64::MAX, amount(1)), Err(Refusal::BalanceLimitExceeded));
-        assert_eq!(apply(i64::MAX, amount(-1)), Ok(i64::MAX - 1));
-    }
-
-    #[test]
-    fn each_transaction_of_a_batch_stands_or_falls_on_its_own() {
-        let mut ledger = ledger(&[(1, 100), (2, 0)]);
-        let batch = [
-            request(1, -60), // 40 left
-            request(1, -60), // refused: only 40
-            request(2, 10),  // 10
-            request(3, 5),   // no such card
-            request(1, -40), // exactly zero
-            request(2, -10), // exactly zero
-        ];
-        let report = ledger.apply_batch(batch.iter(), 0);
-        assert!(report.commit_ok);
-        assert_eq!(
-            report.outcomes,
-            [
-                Outcome::Committed { id: 1, balance: 40 },
-                Outcome::InsufficientFunds { balance: 40 },
-                Outcome::Committed { id: 2, balance: 10 },
-                Outcome::CardNotFound,
-                Outcome::Committed { id: 3, balance: 0 },
-                Outcome::Committed { id: 4, balance: 0 },
-            ]
-        );
-        assert_eq!(
-            report.totals,
-            Totals {
-                balance_sum: 0,
-                accounts: 2
-            }
-        );
-        assert_eq!(ledger.store.balances[&card(1)], 0);
-        assert_eq!(ledger.store.journal.len(), 4);
-    }
-
-    #[test]
-    fn a_failed_commit_changes_nothing_and_the_ledger_rereads_the_store() {
-        let mut ledger = ledger(&[(1, 100)]);
-        ledger.apply_batch([request(1, 50)].iter(), 0);
-        ledger.store.fail_commits = true;
-        let report = ledger.apply_batch([request(1, -120), request(1, -500), request(7, 1)].iter(), 0);
-        assert!(!report.commit_ok);
-        // The refusal was decided on the staged 30, which never reached the disk: it fails too.
-        assert_eq!(
-            report.outcomes,
-            [
-                Outcome::StorageFailed,
-                Outcome::StorageFailed,
-                Outcome::CardNotFound
-            ]
-        );
-        assert_eq!(
-            report.totals.balance_sum, 150,
-            "totals are the store's, not the failed batch's"
-        );
-        assert_eq!(ledger.store.balances[&card(1)], 150);
-
-        ledger.store.fail_commits = false;
-        let report = ledger.apply_batch([request(1, -150)].iter(), 0);
-        assert_eq!(report.outcomes, [Outcome::Committed { id: 2, balance: 0 }]);
-    }
-
-    #[test]
-    fn a_batch_of_refusals_commits_nothing() {
-        let mut ledger = ledger(&[(1, 5)]);
-        let report = ledger.apply_batch([request(1, -6), request(9, 1)].iter(), 0);
-        assert!(report.commit_ok);
-        assert_eq!(
-            report.outcomes,
-            [Outcome::InsufficientFunds { balance: 5 }, Outcome::CardNotFound]
-        );
-        assert!(ledger.store.journal.is_empty());
-    }
+/// Adds a transaction with the next id to the batch and returns the id.
+fn stage(
+    staging: &mut Staging<'_>,
+    kind: Kind,
+    amount: i64,
+    reference: Option<crate::domain::Reference>,
+    legs: [Leg; 2],
+) -> i64 {
+    debug_assert_eq!(legs[0].amount + legs[1].amount, 0, "legs sum to zero");
+    debug_assert!(
+        legs.iter()
+            .all(|leg| leg.account == Account::World || leg.balance_after >= 0),
+        "no card below zero"
+    );
+    let id = staging.next_id;
+    staging.next_id += 1;
+    staging.batch.transactions.push(TransactionRecord {
+        id,
+        kind,
+        amount,
+        reference,
+        idempotency_key: None,
+        legs,
+    });
+    id
 }

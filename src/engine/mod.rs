@@ -1,5 +1,5 @@
-//! The engine: a bounded queue in front of a fixed pool of worker threads that commit
-//! transactions in batches (group commit).
+//! The engine: a bounded queue in front of a fixed pool of worker threads that decide commands
+//! and commit them in batches (group commit).
 //!
 //! How many workers, and why they do not fight over SQLite: SQLite has one writer at a time. The
 //! workers share one [`Ledger`] (balances in memory plus the store's write connection) behind a
@@ -30,15 +30,17 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
-pub use ledger::{Ledger, Outcome};
+pub use ledger::{Ledger, Outcome, Refusal, Render};
 
 use crate::config::Config;
-use crate::domain::TransactionRequest;
+use crate::domain::{Command, IdempotencyKey};
 use crate::store::{Store, StoreError, Totals};
 
-/// A transaction waiting in the queue, with the channel its answer goes back on.
+/// A command waiting in the queue, with the channel its answer goes back on.
 pub struct Job {
-    pub request: TransactionRequest,
+    pub command: Command,
+    /// The client's `Idempotency-Key`, if it sent one.
+    pub key: Option<IdempotencyKey>,
     pub reply: oneshot::Sender<Outcome>,
 }
 
@@ -84,9 +86,14 @@ pub struct Workers {
 }
 
 impl Engine {
-    /// Loads every balance from `store` and starts `config.workers` workers on it.
-    pub fn start<S: Store>(store: S, config: &Config) -> Result<(Engine, Workers), StoreError> {
-        let ledger = Ledger::load(store)?;
+    /// Loads every balance from `store` and starts `config.workers` workers on it. `render` says
+    /// how an outcome is answered, for the answers stored under idempotency keys.
+    pub fn start<S: Store>(
+        store: S,
+        config: &Config,
+        render: Render,
+    ) -> Result<(Engine, Workers), StoreError> {
+        let ledger = Ledger::load(store, render)?;
         let totals = ledger.totals();
         let state = Arc::new(EngineState {
             totals: Mutex::new(totals),
@@ -99,6 +106,7 @@ impl Engine {
         let limits = worker::BatchLimits {
             max: config.batch_max as usize,
             wait: config.batch_wait(),
+            idempotency_retention: config.idempotency_retention(),
         };
         let handles = (0..config.workers)
             .map(|index| {
@@ -121,11 +129,15 @@ impl Engine {
         ))
     }
 
-    /// Queues a transaction without waiting; the answer arrives on the returned receiver once its
+    /// Queues a command without waiting; the answer arrives on the returned receiver once its
     /// batch is committed (or refused).
-    pub fn submit(&self, request: TransactionRequest) -> Result<oneshot::Receiver<Outcome>, SubmitError> {
+    pub fn submit(
+        &self,
+        command: Command,
+        key: Option<IdempotencyKey>,
+    ) -> Result<oneshot::Receiver<Outcome>, SubmitError> {
         let (reply, answer) = oneshot::channel();
-        match self.queue.try_send(Job { request, reply }) {
+        match self.queue.try_send(Job { command, key, reply }) {
             Ok(()) => Ok(answer),
             Err(flume::TrySendError::Full(_)) => Err(SubmitError::QueueFull),
             Err(flume::TrySendError::Disconnected(_)) => Err(SubmitError::ShuttingDown),

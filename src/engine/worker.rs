@@ -1,4 +1,5 @@
-//! One worker thread: take a batch off the queue, commit it through the ledger, answer it.
+//! One worker thread: take a batch off the queue, commit it through the ledger, answer it; and
+//! prune expired idempotency keys between batches.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -10,11 +11,19 @@ use crate::telemetry;
 
 #[derive(Debug, Clone, Copy)]
 pub(super) struct BatchLimits {
-    /// Most transactions in one batch.
+    /// Most commands in one batch.
     pub max: usize,
-    /// Longest wait for more transactions once a batch has one (zero: take only what is waiting).
+    /// Longest wait for more commands once a batch has one (zero: take only what is waiting).
     pub wait: Duration,
+    /// How long an idempotency key is kept at least.
+    pub idempotency_retention: Duration,
 }
+
+/// How often a worker prunes expired idempotency keys, busy or idle.
+const PRUNE_PERIOD: Duration = Duration::from_secs(1);
+/// Most idempotency records deleted at once, so that pruning holds up the next batch by a
+/// millisecond or so at most; a backlog is worked off one chunk per period.
+const PRUNE_ROWS_MAX: u32 = 2_000;
 
 /// Runs until the queue is closed (every sender dropped) and empty, so that shutdown commits and
 /// answers everything that was accepted.
@@ -25,7 +34,18 @@ pub(super) fn run<S: Store>(
     state: Arc<EngineState>,
 ) {
     let mut batch = Vec::with_capacity(limits.max);
-    while let Ok(first) = queue.recv() {
+    let mut pruned_at = Instant::now();
+    loop {
+        let first = match queue.recv_timeout(PRUNE_PERIOD) {
+            Ok(job) => Some(job),
+            Err(flume::RecvTimeoutError::Timeout) => None,
+            Err(flume::RecvTimeoutError::Disconnected) => return,
+        };
+        if pruned_at.elapsed() >= PRUNE_PERIOD {
+            prune(&ledger, limits.idempotency_retention);
+            pruned_at = Instant::now();
+        }
+        let Some(first) = first else { continue };
         batch.push(first);
         state.in_progress.fetch_add(1, Ordering::Relaxed);
         let Ok(mut ledger) = ledger.lock() else {
@@ -36,7 +56,10 @@ pub(super) fn run<S: Store>(
         fill(&queue, &mut batch, limits);
         state.in_progress.fetch_add(batch.len() - 1, Ordering::Relaxed);
         let started = Instant::now();
-        let report = ledger.apply_batch(batch.iter().map(|job| &job.request), crate::unix_ms_now());
+        let report = ledger.apply_batch(
+            batch.iter().map(|job| (&job.command, job.key.as_ref())),
+            crate::unix_ms_now(),
+        );
         drop(ledger);
         telemetry::record_batch(batch.len(), started.elapsed(), report.commit_ok);
         *state
@@ -50,6 +73,18 @@ pub(super) fn run<S: Store>(
             let _ = job.reply.send(outcome);
         }
         state.in_progress.fetch_sub(answered, Ordering::Relaxed);
+    }
+}
+
+/// Deletes one chunk of idempotency records older than the retention.
+fn prune<S: Store>(ledger: &Mutex<Ledger<S>>, retention: Duration) {
+    let Ok(mut ledger) = ledger.lock() else { return };
+    let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let before = crate::unix_ms_now().saturating_sub(retention_ms);
+    match ledger.prune_idempotency(before, PRUNE_ROWS_MAX) {
+        Ok(0) => {}
+        Ok(rows) => tracing::debug!(rows, "pruned expired idempotency keys"),
+        Err(error) => tracing::warn!(%error, "pruning idempotency keys failed; the next period retries"),
     }
 }
 

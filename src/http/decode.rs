@@ -1,11 +1,16 @@
-//! Turning request bytes into a validated [`TransactionRequest`], or saying exactly what is wrong.
-//! Pure and panic-free: this is the code the fuzzer drives.
+//! Turning request bytes into validated commands, or saying exactly what is wrong: bodies, the
+//! `Idempotency-Key` header, path and query parameters. Pure and panic-free: this is the code the
+//! fuzzer drives.
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::error::ApiError;
-use crate::domain::{Amount, CardNumber, InvalidField, TransactionRequest};
+use super::error::{ApiError, ErrorCode};
+use crate::domain::{
+    Amount, CardNumber, IdempotencyKey, InvalidField, OpenAccountRequest, PositiveAmount, Reference,
+    TransactionRequest, TransferRequest,
+};
 
 /// The body as JSON, before its values are checked. Fields are kept as their raw JSON text so that
 /// each wrong type gets its own precise error and the amount is read as an integer literal, never
@@ -19,75 +24,198 @@ struct RawTransaction<'a> {
     amount: &'a RawValue,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTransfer<'a> {
+    #[serde(borrow)]
+    source: &'a RawValue,
+    #[serde(borrow)]
+    destination: &'a RawValue,
+    #[serde(borrow)]
+    amount: &'a RawValue,
+    #[serde(borrow, default)]
+    reference: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount<'a> {
+    #[serde(borrow)]
+    card_number: &'a RawValue,
+}
+
 /// Decodes and validates a `POST /transaction` body.
 pub fn transaction(body: &[u8]) -> Result<TransactionRequest, ApiError> {
-    if body.is_empty() {
-        return Err(ApiError::bad_request(
-            "invalid_json",
-            "the body is empty; send a JSON object",
-        ));
-    }
-    // serde would also read a struct from a JSON array; only an object is a transaction.
-    if body.trim_ascii_start().first() != Some(&b'{') {
-        return Err(ApiError::bad_request(
-            "invalid_json",
-            "the body must be a JSON object",
-        ));
-    }
-    let raw: RawTransaction = serde_json::from_slice(body).map_err(|error| json_error(&error))?;
-    let card = card_number(raw.card_number)?;
-    let amount =
-        amount(raw.amount).map_err(|error| ApiError::bad_request("invalid_amount", error.to_string()))?;
+    let raw: RawTransaction = object(body, "card_number and amount")?;
+    let card = card_number(raw.card_number, "card_number")?;
+    let amount = signed_amount(raw.amount)
+        .map_err(|error| ApiError::new(ErrorCode::InvalidAmount, error.to_string()))?;
     Ok(TransactionRequest { card, amount })
 }
 
+/// Decodes and validates a `POST /transfers` body.
+pub fn transfer(body: &[u8]) -> Result<TransferRequest, ApiError> {
+    let raw: RawTransfer = object(body, "source, destination and amount")?;
+    let source = card_number(raw.source, "source")?;
+    let destination = card_number(raw.destination, "destination")?;
+    let amount = positive_amount(raw.amount)
+        .map_err(|error| ApiError::new(ErrorCode::InvalidAmount, error.to_string()))?;
+    let reference = match raw.reference {
+        None => None,
+        Some(raw) if raw.get() == "null" => None,
+        Some(raw) => Some(reference(raw)?),
+    };
+    if source == destination {
+        return Err(ApiError::new(
+            ErrorCode::SameAccount,
+            "source and destination are the same account",
+        ));
+    }
+    Ok(TransferRequest {
+        source,
+        destination,
+        amount,
+        reference,
+    })
+}
+
+/// Decodes and validates a `POST /accounts` body.
+pub fn open_account(body: &[u8]) -> Result<OpenAccountRequest, ApiError> {
+    let raw: RawAccount = object(body, "card_number")?;
+    Ok(OpenAccountRequest {
+        card: card_number(raw.card_number, "card_number")?,
+    })
+}
+
+/// The `Idempotency-Key` header, if present.
+pub fn idempotency_key(header: Option<&[u8]>) -> Result<Option<IdempotencyKey>, ApiError> {
+    header
+        .map(|bytes| {
+            IdempotencyKey::parse(bytes)
+                .map_err(|error| ApiError::new(ErrorCode::InvalidIdempotencyKey, error.to_string()))
+        })
+        .transpose()
+}
+
+/// A card number in a path or query string (no percent-decoding: a card number is digits only,
+/// so an escape can never spell a valid one).
+pub fn card_parameter(text: &str) -> Result<CardNumber, ApiError> {
+    CardNumber::parse(text).map_err(|error| ApiError::new(ErrorCode::InvalidCardNumber, error.to_string()))
+}
+
+/// A positive 63-bit integer parameter (an id, a cursor, a time): digits only, no sign, no spaces.
+pub fn id_parameter(name: &str, text: &str) -> Result<i64, ApiError> {
+    let invalid = || {
+        ApiError::new(
+            ErrorCode::InvalidParameter,
+            format!("{name} must be a positive integer"),
+        )
+    };
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    text.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(invalid)
+}
+
+/// The pairs of a query string, undecoded; a parameter given twice is refused by the caller.
+pub fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (&str, &str)> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+}
+
+/// A JSON object of the given shape (only an object: serde would also read a struct from an array).
+fn object<'a, T: Deserialize<'a>>(body: &'a [u8], fields: &str) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidJson,
+            "the body is empty; send a JSON object",
+        ));
+    }
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::new(
+            ErrorCode::InvalidJson,
+            "the body must be a JSON object",
+        ));
+    }
+    serde_json::from_slice(body).map_err(|error| json_error(&error, fields))
+}
+
 /// A card number is a JSON string (escapes allowed) of 6 to 19 ASCII digits.
-fn card_number(raw: &RawValue) -> Result<CardNumber, ApiError> {
-    let invalid = |error: InvalidField| ApiError::bad_request("invalid_card_number", error.to_string());
+fn card_number(raw: &RawValue, field: &str) -> Result<CardNumber, ApiError> {
+    let invalid = |error: InvalidField| {
+        let message = error.to_string().replacen("card_number", field, 1);
+        ApiError::new(ErrorCode::InvalidCardNumber, message)
+    };
     if !raw.get().starts_with('"') {
         return Err(invalid(InvalidField::CardNumber));
     }
-    // A string that does not decode is broken JSON (a lone surrogate escape, say), not a bad card.
-    let text: String = serde_json::from_str(raw.get()).map_err(|error| json_error(&error))?;
+    let text: String = string(raw)?;
     CardNumber::parse(&text).map_err(invalid)
 }
 
-/// An amount is a JSON integer literal: an optional minus and digits only, so `1.0`, `1e3` and
-/// numbers beyond any float are refused as amounts, not as malformed JSON.
-fn amount(raw: &RawValue) -> Result<Amount, InvalidField> {
+fn reference(raw: &RawValue) -> Result<Reference, ApiError> {
+    let invalid = || ApiError::new(ErrorCode::InvalidReference, InvalidField::Reference.to_string());
+    if !raw.get().starts_with('"') {
+        return Err(invalid());
+    }
+    Reference::new(string(raw)?).map_err(|_| invalid())
+}
+
+/// A JSON string's value. One that does not decode is broken JSON (a lone surrogate escape, say),
+/// not a bad value.
+fn string<T: DeserializeOwned>(raw: &RawValue) -> Result<T, ApiError> {
+    serde_json::from_str(raw.get()).map_err(|error| json_error(&error, "its fields"))
+}
+
+/// An integer literal: an optional minus and digits only, so `1.0`, `1e3` and numbers beyond any
+/// float are refused as amounts, not as malformed JSON.
+fn integer_literal(raw: &RawValue) -> Option<i64> {
     let text = raw.get();
     let digits = text.strip_prefix('-').unwrap_or(text);
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(InvalidField::Amount);
+        return None;
     }
-    text.parse::<i64>()
-        .map_err(|_| InvalidField::Amount)
+    text.parse::<i64>().ok()
+}
+
+fn signed_amount(raw: &RawValue) -> Result<Amount, InvalidField> {
+    integer_literal(raw)
+        .ok_or(InvalidField::Amount)
         .and_then(Amount::new)
+}
+
+fn positive_amount(raw: &RawValue) -> Result<PositiveAmount, InvalidField> {
+    integer_literal(raw)
+        .ok_or(InvalidField::PositiveAmount)
+        .and_then(PositiveAmount::new)
 }
 
 /// Sorts serde's errors into our codes. serde reports field problems only in its message, so the
 /// message's stable prefix decides; everything else is malformed JSON.
-fn json_error(error: &serde_json::Error) -> ApiError {
+fn json_error(error: &serde_json::Error, fields: &str) -> ApiError {
     let message = error.to_string();
     let code = if !error.is_data() {
-        "invalid_json"
+        ErrorCode::InvalidJson
     } else if message.starts_with("unknown field") {
-        "unknown_field"
+        ErrorCode::UnknownField
     } else if message.starts_with("missing field") {
-        "missing_field"
+        ErrorCode::MissingField
     } else if message.starts_with("duplicate field") {
-        "duplicate_field"
+        ErrorCode::DuplicateField
     } else {
-        "invalid_json"
+        ErrorCode::InvalidJson
     };
     let message = match code {
-        "invalid_json" if error.is_data() => {
-            format!("the body must be a JSON object with card_number and amount ({message})")
+        ErrorCode::InvalidJson if error.is_data() => {
+            format!("the body must be a JSON object with {fields} ({message})")
         }
-        "invalid_json" => format!("the body is not valid JSON ({message})"),
+        ErrorCode::InvalidJson => format!("the body is not valid JSON ({message})"),
         _ => message,
     };
-    ApiError::bad_request(code, message)
+    ApiError::new(code, message)
 }
 
 #[cfg(test)]
@@ -95,7 +223,105 @@ mod tests {
     use super::*;
 
     fn code_of(body: &str) -> &'static str {
-        transaction(body.as_bytes()).expect_err(body).code
+        transaction(body.as_bytes()).expect_err(body).code.as_str()
+    }
+
+    fn transfer_code(body: &str) -> &'static str {
+        transfer(body.as_bytes()).expect_err(body).code.as_str()
+    }
+
+    #[test]
+    fn transfers_are_two_different_cards_a_positive_amount_and_an_optional_reference() {
+        let ok =
+            transfer(br#"{"source":"111111","destination":"222222","amount":5,"reference":"rent"}"#).unwrap();
+        assert_eq!(ok.amount.minor_units(), 5);
+        assert_eq!(ok.reference.unwrap().as_str(), "rent");
+        let no_reference =
+            transfer(br#"{"source":"111111","destination":"222222","amount":5,"reference":null}"#);
+        assert!(no_reference.unwrap().reference.is_none());
+        let long = format!(
+            r#"{{"source":"111111","destination":"222222","amount":5,"reference":"{}"}}"#,
+            "r".repeat(256)
+        );
+        let cases = [
+            (
+                r#"{"source":"111111","destination":"111111","amount":5}"#,
+                "same_account",
+            ),
+            (
+                r#"{"source":"111111","destination":"222222","amount":-5}"#,
+                "invalid_amount",
+            ),
+            (
+                r#"{"source":"111111","destination":"222222","amount":0}"#,
+                "invalid_amount",
+            ),
+            (
+                r#"{"source":"111111","destination":"222222","amount":1.5}"#,
+                "invalid_amount",
+            ),
+            (
+                r#"{"source":"111111","destination":"222222","amount":1000000000001}"#,
+                "invalid_amount",
+            ),
+            (
+                r#"{"source":"11111","destination":"222222","amount":5}"#,
+                "invalid_card_number",
+            ),
+            (
+                r#"{"source":"111111","destination":222222,"amount":5}"#,
+                "invalid_card_number",
+            ),
+            (
+                r#"{"source":"111111","destination":"222222","amount":5,"reference":5}"#,
+                "invalid_reference",
+            ),
+            (long.as_str(), "invalid_reference"),
+            (r#"{"source":"111111","amount":5}"#, "missing_field"),
+            (
+                r#"{"source":"111111","destination":"222222","amount":5,"memo":"x"}"#,
+                "unknown_field",
+            ),
+            (r#"["111111"]"#, "invalid_json"),
+        ];
+        for (body, code) in cases {
+            assert_eq!(transfer_code(body), code, "{body}");
+        }
+        let exactly_255 = format!(
+            r#"{{"source":"111111","destination":"222222","amount":5,"reference":"{}"}}"#,
+            "é".repeat(127) + "r"
+        );
+        assert!(
+            transfer(exactly_255.as_bytes()).is_ok(),
+            "255 bytes of UTF-8 is the limit"
+        );
+    }
+
+    #[test]
+    fn parameters_are_positive_integers_and_card_numbers() {
+        assert_eq!(id_parameter("limit", "20").unwrap(), 20);
+        for bad in [
+            "",
+            "0",
+            "-1",
+            "+1",
+            "1.0",
+            " 1",
+            "1e3",
+            "99999999999999999999",
+            "%31",
+        ] {
+            assert_eq!(
+                id_parameter("limit", bad).unwrap_err().code,
+                ErrorCode::InvalidParameter,
+                "{bad:?}"
+            );
+        }
+        assert!(card_parameter("1234567890").is_ok());
+        assert!(card_parameter("%31234567890").is_err());
+        assert_eq!(idempotency_key(None).unwrap(), None);
+        assert!(idempotency_key(Some(b"")).is_err());
+        assert!(idempotency_key(Some(b"abc")).unwrap().is_some());
     }
 
     #[test]
@@ -179,7 +405,7 @@ mod tests {
             transaction(b"{\"card_number\":\"12345\xff7890\",\"amount\":5}")
                 .unwrap_err()
                 .code,
-            "invalid_json"
+            ErrorCode::InvalidJson
         );
         let deep = format!(
             "{{\"card_number\":\"1234567890\",\"amount\":{}1{}}}",

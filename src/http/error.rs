@@ -1,7 +1,9 @@
 //! Every answer that is not a success, and the one mapping from engine outcomes to HTTP.
 //!
-//! Every error on every route is `{"error": {"code": "...", "message": "..."}}`; codes are stable
-//! and meant for programs, messages are for people. Internal details (SQL, paths) never leak.
+//! Every error on every route is `{"error": {"code": "...", "message": "..."}}`; codes are an enum
+//! ([`ErrorCode`]) whose status and metric label are matched exhaustively, so a new code cannot
+//! fall silently into the wrong bucket. Messages are for people; internal details (SQL, paths)
+//! never leak.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -12,19 +14,155 @@ use serde_json::json;
 
 use crate::analytics::OutcomeLabel;
 use crate::config::limits;
-use crate::domain::TransactionRequest;
-use crate::engine::{Outcome, SubmitError};
+use crate::domain::Command;
+use crate::engine::{Outcome, Refusal, SubmitError};
 
 pub type HttpResponse = Response<Full<Bytes>>;
 
-/// A refused request: its status, stable code and message, and any extra the client needs.
+/// The header that marks an answer replayed from an idempotency key.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// Every error code tallyd answers, stable and meant for programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    InvalidJson,
+    InvalidBody,
+    MissingField,
+    UnknownField,
+    DuplicateField,
+    InvalidCardNumber,
+    InvalidAmount,
+    InvalidReference,
+    SameAccount,
+    InvalidIdempotencyKey,
+    /// A query or path parameter that is not what the route takes (`limit`, a cursor, an id, `at`).
+    InvalidParameter,
+    CardNotFound,
+    TransactionNotFound,
+    NotFound,
+    MethodNotAllowed,
+    RequestTimeout,
+    AccountExists,
+    BodyTooLarge,
+    UnsupportedMediaType,
+    InsufficientFunds,
+    BalanceLimitExceeded,
+    IdempotencyKeyReused,
+    Internal,
+    QueueFull,
+    StorageUnavailable,
+    ShuttingDown,
+    NotReady,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidBody => "invalid_body",
+            ErrorCode::MissingField => "missing_field",
+            ErrorCode::UnknownField => "unknown_field",
+            ErrorCode::DuplicateField => "duplicate_field",
+            ErrorCode::InvalidCardNumber => "invalid_card_number",
+            ErrorCode::InvalidAmount => "invalid_amount",
+            ErrorCode::InvalidReference => "invalid_reference",
+            ErrorCode::SameAccount => "same_account",
+            ErrorCode::InvalidIdempotencyKey => "invalid_idempotency_key",
+            ErrorCode::InvalidParameter => "invalid_parameter",
+            ErrorCode::CardNotFound => "card_not_found",
+            ErrorCode::TransactionNotFound => "transaction_not_found",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::AccountExists => "account_exists",
+            ErrorCode::BodyTooLarge => "body_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::InsufficientFunds => "insufficient_funds",
+            ErrorCode::BalanceLimitExceeded => "balance_limit_exceeded",
+            ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
+            ErrorCode::Internal => "internal",
+            ErrorCode::QueueFull => "queue_full",
+            ErrorCode::StorageUnavailable => "storage_unavailable",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::NotReady => "not_ready",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::InvalidJson
+            | ErrorCode::InvalidBody
+            | ErrorCode::MissingField
+            | ErrorCode::UnknownField
+            | ErrorCode::DuplicateField
+            | ErrorCode::InvalidCardNumber
+            | ErrorCode::InvalidAmount
+            | ErrorCode::InvalidReference
+            | ErrorCode::SameAccount
+            | ErrorCode::InvalidIdempotencyKey
+            | ErrorCode::InvalidParameter => StatusCode::BAD_REQUEST,
+            ErrorCode::CardNotFound | ErrorCode::TransactionNotFound | ErrorCode::NotFound => {
+                StatusCode::NOT_FOUND
+            }
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::AccountExists => StatusCode::CONFLICT,
+            ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::InsufficientFunds
+            | ErrorCode::BalanceLimitExceeded
+            | ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::QueueFull
+            | ErrorCode::StorageUnavailable
+            | ErrorCode::ShuttingDown
+            | ErrorCode::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// How a refusal with this code is counted in `tallyd_transactions_total` and `/stats`.
+    pub fn outcome_label(self) -> OutcomeLabel {
+        match self {
+            ErrorCode::InsufficientFunds => OutcomeLabel::InsufficientFunds,
+            ErrorCode::CardNotFound => OutcomeLabel::CardNotFound,
+            ErrorCode::QueueFull => OutcomeLabel::QueueFull,
+            ErrorCode::Internal
+            | ErrorCode::StorageUnavailable
+            | ErrorCode::ShuttingDown
+            | ErrorCode::NotReady => OutcomeLabel::Error,
+            ErrorCode::InvalidJson
+            | ErrorCode::InvalidBody
+            | ErrorCode::MissingField
+            | ErrorCode::UnknownField
+            | ErrorCode::DuplicateField
+            | ErrorCode::InvalidCardNumber
+            | ErrorCode::InvalidAmount
+            | ErrorCode::InvalidReference
+            | ErrorCode::SameAccount
+            | ErrorCode::InvalidIdempotencyKey
+            | ErrorCode::InvalidParameter
+            | ErrorCode::TransactionNotFound
+            | ErrorCode::NotFound
+            | ErrorCode::MethodNotAllowed
+            | ErrorCode::RequestTimeout
+            | ErrorCode::AccountExists
+            | ErrorCode::BodyTooLarge
+            | ErrorCode::UnsupportedMediaType
+            | ErrorCode::BalanceLimitExceeded
+            | ErrorCode::IdempotencyKeyReused => OutcomeLabel::Rejected,
+        }
+    }
+}
+
+/// A refused request: its code (which fixes the status), message, and any extra the client needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
-    /// The current balance, for `insufficient_funds`.
+    /// The current balance, for `insufficient_funds` and `balance_limit_exceeded`.
     pub balance: Option<i64>,
+    /// The card that was not found, for `card_not_found` on a route that names two.
+    pub card_number: Option<String>,
     /// Methods the route accepts, for 405.
     pub allow: Option<&'static str>,
     /// Seconds to wait, for `queue_full`.
@@ -32,60 +170,56 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            status,
             code,
             message: message.into(),
             balance: None,
+            card_number: None,
             allow: None,
             retry_after: None,
         }
     }
 
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
+    pub fn status(&self) -> StatusCode {
+        self.code.status()
     }
 
     pub fn not_found() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+        Self::new(ErrorCode::NotFound, "no such route")
     }
 
     pub fn method_not_allowed(allow: &'static str) -> Self {
-        let mut error = Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("this route accepts {allow}"),
-        );
+        let mut error = Self::new(ErrorCode::MethodNotAllowed, format!("this route accepts {allow}"));
         error.allow = Some(allow);
         error
     }
 
     pub fn storage_unavailable() -> Self {
         Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "storage_unavailable",
+            ErrorCode::StorageUnavailable,
             "the database could not be written or read; nothing was changed, try again later",
         )
     }
 
-    /// How this refusal is counted, when it answers a `POST /transaction`.
     pub fn outcome_label(&self) -> OutcomeLabel {
-        match self.code {
-            "insufficient_funds" => OutcomeLabel::InsufficientFunds,
-            "card_not_found" => OutcomeLabel::CardNotFound,
-            "queue_full" => OutcomeLabel::QueueFull,
-            _ if self.status.is_server_error() => OutcomeLabel::Error,
-            _ => OutcomeLabel::Rejected,
-        }
+        self.code.outcome_label()
     }
 
-    pub fn into_response(self) -> HttpResponse {
-        let mut error = json!({ "code": self.code, "message": self.message });
+    /// The JSON body of this error.
+    pub fn body(&self) -> Vec<u8> {
+        let mut error = json!({ "code": self.code.as_str(), "message": self.message });
         if let Some(balance) = self.balance {
             error["balance"] = balance.into();
         }
-        let mut response = json_response(self.status, &json!({ "error": error }));
+        if let Some(card) = &self.card_number {
+            error["card_number"] = card.as_str().into();
+        }
+        to_json(&json!({ "error": error }))
+    }
+
+    pub fn into_response(self) -> HttpResponse {
+        let mut response = bytes_response(self.status(), self.body());
         let headers = response.headers_mut();
         if let Some(allow) = self.allow {
             headers.insert(ALLOW, HeaderValue::from_static(allow));
@@ -102,25 +236,23 @@ impl From<SubmitError> for ApiError {
         match error {
             SubmitError::QueueFull => {
                 let mut error = Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "queue_full",
-                    "too many transactions are waiting; nothing was changed, retry after the delay",
+                    ErrorCode::QueueFull,
+                    "too many requests are waiting; nothing was changed, retry after the delay",
                 );
                 error.retry_after = Some(limits::RETRY_AFTER_SECONDS);
                 error
             }
             SubmitError::ShuttingDown => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
+                ErrorCode::ShuttingDown,
                 "the server is shutting down; nothing was changed",
             ),
         }
     }
 }
 
-/// The 200 body of a committed transaction.
+/// The 200 body of a committed `POST /transaction` (its field order is the contract).
 #[derive(Debug, Serialize)]
-struct Committed<'a> {
+struct Posted<'a> {
     id: i64,
     card_number: &'a str,
     amount: i64,
@@ -128,56 +260,167 @@ struct Committed<'a> {
     status: &'static str,
 }
 
-/// The one mapping from what the engine decided to what the client sees.
-pub fn outcome_response(request: &TransactionRequest, outcome: Outcome) -> Result<HttpResponse, ApiError> {
-    match outcome {
-        Outcome::Committed { id, balance } => Ok(json_response(
-            StatusCode::OK,
-            &Committed {
-                id,
-                card_number: request.card.as_str(),
-                amount: request.amount.minor_units(),
-                balance,
-                status: "committed",
-            },
-        )),
-        Outcome::InsufficientFunds { balance } => {
-            let mut error = ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "insufficient_funds",
-                format!(
-                    "the withdrawal of {} exceeds the balance of {balance}; nothing was changed",
-                    request.amount.minor_units().unsigned_abs()
-                ),
-            );
-            error.balance = Some(balance);
-            Err(error)
-        }
-        Outcome::CardNotFound => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "card_not_found",
-            format!("no account has card number {}", request.card),
-        )),
-        Outcome::BalanceLimitExceeded { balance } => {
-            let mut error = ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "balance_limit_exceeded",
-                "the deposit would take the balance past the largest representable amount",
-            );
-            error.balance = Some(balance);
-            Err(error)
-        }
-        Outcome::StorageFailed => Err(ApiError::storage_unavailable()),
+/// The 200 body of a committed `POST /transfers`.
+#[derive(Debug, Serialize)]
+struct Transferred<'a> {
+    id: i64,
+    source: &'a str,
+    destination: &'a str,
+    amount: i64,
+    reference: Option<&'a str>,
+    status: &'static str,
+    source_balance: i64,
+    destination_balance: i64,
+    created_at_ms: i64,
+}
+
+/// The 201 body of `POST /accounts`.
+#[derive(Debug, Serialize)]
+struct Opened<'a> {
+    card_number: &'a str,
+    balance: i64,
+    available: i64,
+    created_at_ms: i64,
+}
+
+/// What the engine decided, as a status and body: the one mapping from outcomes to HTTP. The engine
+/// calls it too (as its [`crate::engine::Render`]) to store a keyed request's answer with its effect.
+pub fn render(command: &Command, outcome: &Outcome) -> (u16, Vec<u8>) {
+    match outcome_result(command, outcome) {
+        Ok((status, body)) => (status.as_u16(), body),
+        Err(error) => (error.status().as_u16(), error.body()),
     }
 }
 
-pub fn json_response(status: StatusCode, body: &impl Serialize) -> HttpResponse {
+/// The answer to a decided command: a success's status and body, or the refusal.
+pub fn outcome_result(command: &Command, outcome: &Outcome) -> Result<(StatusCode, Vec<u8>), ApiError> {
+    match (outcome, command) {
+        (Outcome::Replayed(stored), _) => Ok((
+            StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK),
+            stored.body.clone(),
+        )),
+        (Outcome::Posted { id, balance, .. }, Command::Transaction(request)) => Ok((
+            StatusCode::OK,
+            to_json(&Posted {
+                id: *id,
+                card_number: request.card.as_str(),
+                amount: request.amount.minor_units(),
+                balance: *balance,
+                status: "committed",
+            }),
+        )),
+        (
+            Outcome::Transferred {
+                id,
+                source_balance,
+                destination_balance,
+                created_at_ms,
+            },
+            Command::Transfer(request),
+        ) => Ok((
+            StatusCode::OK,
+            to_json(&Transferred {
+                id: *id,
+                source: request.source.as_str(),
+                destination: request.destination.as_str(),
+                amount: request.amount.minor_units(),
+                reference: request.reference.as_ref().map(|r| r.as_str()),
+                status: "committed",
+                source_balance: *source_balance,
+                destination_balance: *destination_balance,
+                created_at_ms: *created_at_ms,
+            }),
+        )),
+        (Outcome::Opened { created_at_ms }, Command::OpenAccount(request)) => Ok((
+            StatusCode::CREATED,
+            to_json(&Opened {
+                card_number: request.card.as_str(),
+                balance: 0,
+                available: 0,
+                created_at_ms: *created_at_ms,
+            }),
+        )),
+        (Outcome::Refused(refusal), _) => Err(refusal_error(command, refusal)),
+        (Outcome::StorageFailed, _) => Err(ApiError::storage_unavailable()),
+        // A success of one kind for a command of another: a bug in the engine, never a silent 200.
+        (Outcome::Posted { .. } | Outcome::Transferred { .. } | Outcome::Opened { .. }, _) => {
+            tracing::error!(?outcome, ?command, "an outcome that does not fit its command");
+            Err(ApiError::new(ErrorCode::Internal, "internal error"))
+        }
+    }
+}
+
+fn refusal_error(command: &Command, refusal: &Refusal) -> ApiError {
+    match refusal {
+        Refusal::InsufficientFunds { balance } => {
+            let amount = match command {
+                Command::Transaction(request) => request.amount.minor_units().unsigned_abs(),
+                Command::Transfer(request) => request.amount.minor_units().unsigned_abs(),
+                Command::OpenAccount(_) => 0,
+            };
+            let what = match command {
+                Command::Transfer(_) => "transfer",
+                _ => "withdrawal",
+            };
+            let mut error = ApiError::new(
+                ErrorCode::InsufficientFunds,
+                format!("the {what} of {amount} exceeds the balance of {balance}; nothing was changed"),
+            );
+            error.balance = Some(*balance);
+            error
+        }
+        Refusal::CardNotFound { card } => {
+            let mut error = ApiError::new(
+                ErrorCode::CardNotFound,
+                format!("no account has card number {card}"),
+            );
+            if let Command::Transfer(_) = command {
+                error.card_number = Some(card.as_str().to_owned());
+            }
+            error
+        }
+        Refusal::BalanceLimitExceeded { balance } => {
+            let message = match command {
+                Command::Transfer(_) => {
+                    "the transfer would take the destination's balance past the largest representable amount"
+                }
+                _ => "the deposit would take the balance past the largest representable amount",
+            };
+            let mut error = ApiError::new(ErrorCode::BalanceLimitExceeded, message);
+            error.balance = Some(*balance);
+            error
+        }
+        Refusal::AccountExists => {
+            let card = match command {
+                Command::OpenAccount(request) => request.card.as_str(),
+                _ => "",
+            };
+            ApiError::new(
+                ErrorCode::AccountExists,
+                format!("an account with card number {card} exists"),
+            )
+        }
+        Refusal::IdempotencyKeyReused => ApiError::new(
+            ErrorCode::IdempotencyKeyReused,
+            "this Idempotency-Key was used with a different request; nothing was changed",
+        ),
+    }
+}
+
+fn to_json(body: &impl Serialize) -> Vec<u8> {
     // Serializing our own plain structs cannot fail; an empty object is the safe fallback.
-    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+pub fn bytes_response(status: StatusCode, body: Vec<u8>) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+pub fn json_response(status: StatusCode, body: &impl Serialize) -> HttpResponse {
+    bytes_response(status, to_json(body))
 }

@@ -1,5 +1,5 @@
 //! The HTTP front end: routing, request reading with limits, and the handlers. Handlers validate,
-//! hand transactions to the engine, and turn its outcomes into responses; they never touch storage
+//! hand commands to the engine, and turn its outcomes into responses; they never touch storage
 //! for writes.
 
 pub mod decode;
@@ -13,15 +13,16 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::analytics::Analytics;
 use crate::engine::Engine;
-use crate::store::BalanceReader;
+use crate::store::Reader;
 
-pub use error::{ApiError, HttpResponse};
+pub use error::{render, ApiError, ErrorCode, HttpResponse};
 pub use routes::handle;
 
 /// Everything a handler needs, shared by every connection.
 pub struct App {
     pub engine: Engine,
-    pub reader: Arc<dyn BalanceReader>,
+    /// Committed state for the read routes, never blocked by the writer.
+    pub reader: Arc<dyn Reader>,
     pub analytics: Arc<Analytics>,
     pub metrics: PrometheusHandle,
     pub workers: usize,

@@ -1,6 +1,8 @@
-//! Routes and handlers.
+//! Routes and handlers. Paths are matched by `matchit` (the router inside axum); every `POST`
+//! decodes its body into one typed command, queues it, and answers what the engine decided; every
+//! `GET` of the ledger reads a committed snapshot from the read pool.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -10,19 +12,33 @@ use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
-use super::error::{json_response, outcome_response, ApiError, HttpResponse};
+use super::error::{
+    bytes_response, json_response, outcome_result, ApiError, ErrorCode, HttpResponse, IDEMPOTENT_REPLAYED,
+};
 use super::{decode, App};
 use crate::analytics::OutcomeLabel;
-use crate::domain::CardNumber;
+use crate::domain::{Command, Kind};
+use crate::engine::Outcome;
+use crate::store::{Reader, StoreError};
 use crate::telemetry;
 
 /// The live page, compiled into the binary so that it needs no files and no network.
 const DASHBOARD_HTML: &str = include_str!("../../assets/dashboard.html");
 
+/// Most entries on one page of a statement, and how many when `limit` is not given.
+const ENTRIES_LIMIT_MAX: i64 = 100;
+const ENTRIES_LIMIT_DEFAULT: u32 = 20;
+
 /// The routes tallyd serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
     Transaction,
+    Transfers,
+    Accounts,
+    Account,
+    AccountEntries,
+    Transactions,
+    TransactionById,
     Balance,
     Metrics,
     Stats,
@@ -32,23 +48,32 @@ enum Route {
 }
 
 impl Route {
-    fn parse(path: &str) -> Option<Self> {
-        Some(match path {
-            "/transaction" => Route::Transaction,
-            "/balance" => Route::Balance,
-            "/metrics" => Route::Metrics,
-            "/stats" => Route::Stats,
-            "/healthz" => Route::Healthz,
-            "/readyz" => Route::Readyz,
-            "/" => Route::Dashboard,
-            _ => return None,
-        })
-    }
+    const ALL: [Route; 13] = [
+        Route::Transaction,
+        Route::Transfers,
+        Route::Accounts,
+        Route::Account,
+        Route::AccountEntries,
+        Route::Transactions,
+        Route::TransactionById,
+        Route::Balance,
+        Route::Metrics,
+        Route::Stats,
+        Route::Healthz,
+        Route::Readyz,
+        Route::Dashboard,
+    ];
 
-    /// The label of this route in `tallyd_http_requests_total`.
-    fn label(self) -> &'static str {
+    /// The route's pattern: how `matchit` matches it and how `tallyd_http_requests_total` labels it.
+    fn pattern(self) -> &'static str {
         match self {
             Route::Transaction => "/transaction",
+            Route::Transfers => "/transfers",
+            Route::Accounts => "/accounts",
+            Route::Account => "/accounts/{card}",
+            Route::AccountEntries => "/accounts/{card}/entries",
+            Route::Transactions => "/transactions",
+            Route::TransactionById => "/transactions/{id}",
             Route::Balance => "/balance",
             Route::Metrics => "/metrics",
             Route::Stats => "/stats",
@@ -58,20 +83,39 @@ impl Route {
         }
     }
 
+    fn is_post(self) -> bool {
+        matches!(self, Route::Transaction | Route::Transfers | Route::Accounts)
+    }
+
     /// The methods this route accepts, as an `Allow` header says them.
     fn allow(self) -> &'static str {
-        match self {
-            Route::Transaction => "POST",
-            _ => "GET, HEAD",
+        if self.is_post() {
+            "POST"
+        } else {
+            "GET, HEAD"
         }
     }
 
     fn accepts(self, method: &Method) -> bool {
-        match self {
-            Route::Transaction => method == Method::POST,
-            _ => method == Method::GET || method == Method::HEAD,
+        if self.is_post() {
+            method == Method::POST
+        } else {
+            method == Method::GET || method == Method::HEAD
         }
     }
+}
+
+fn router() -> &'static matchit::Router<Route> {
+    static ROUTER: OnceLock<matchit::Router<Route>> = OnceLock::new();
+    ROUTER.get_or_init(|| {
+        let mut router = matchit::Router::new();
+        for route in Route::ALL {
+            router
+                .insert(route.pattern(), route)
+                .expect("the route patterns do not overlap");
+        }
+        router
+    })
 }
 
 /// Answers one request. Never fails: every problem becomes a JSON error response.
@@ -80,56 +124,111 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let route = Route::parse(request.uri().path());
+    let path = request.uri().path().to_owned();
+    let matched = router().at(&path).ok();
+    let route = matched.as_ref().map(|m| *m.value);
+    let param = |name: &str| {
+        matched
+            .as_ref()
+            .and_then(|m| m.params.get(name))
+            .unwrap_or("")
+            .to_owned()
+    };
+    let query = request.uri().query().map(str::to_owned);
+    let query = query.as_deref();
     let response = match route {
         None => ApiError::not_found().into_response(),
         Some(route) if !route.accepts(request.method()) => {
             ApiError::method_not_allowed(route.allow()).into_response()
         }
-        Some(Route::Transaction) => transaction(&app, request).await,
-        Some(Route::Balance) => balance(&app, request.uri().query()).await,
+        Some(Route::Transaction) => {
+            post(&app, request, |body| {
+                decode::transaction(body).map(Command::Transaction)
+            })
+            .await
+        }
+        Some(Route::Transfers) => {
+            post(&app, request, |body| {
+                decode::transfer(body).map(Command::Transfer)
+            })
+            .await
+        }
+        Some(Route::Accounts) => {
+            post(&app, request, |body| {
+                decode::open_account(body).map(Command::OpenAccount)
+            })
+            .await
+        }
+        Some(Route::Account) => account(&app, &param("card")).await,
+        Some(Route::AccountEntries) => entries(&app, &param("card"), query).await,
+        Some(Route::Transactions) => transaction_by_key(&app, query).await,
+        Some(Route::TransactionById) => transaction_by_id(&app, &param("id")).await,
+        Some(Route::Balance) => balance(&app, query).await,
         Some(Route::Metrics) => metrics(&app),
         Some(Route::Stats) => stats(&app),
         Some(Route::Healthz) => healthz(),
         Some(Route::Readyz) => readyz(&app),
         Some(Route::Dashboard) => dashboard(),
     };
-    telemetry::record_http(route.map_or("other", Route::label), response.status().as_u16());
+    telemetry::record_http(route.map_or("other", Route::pattern), response.status().as_u16());
     Ok(response)
 }
 
-/// `POST /transaction`: read, validate, queue, wait for the commit, answer; and count it.
-async fn transaction<B>(app: &App, request: Request<B>) -> HttpResponse
+/// Every `POST`: the idempotency key, the body, one command; queue it, wait for the commit,
+/// answer; and count it.
+async fn post<B>(
+    app: &App,
+    request: Request<B>,
+    decode: impl FnOnce(&[u8]) -> Result<Command, ApiError>,
+) -> HttpResponse
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let started = Instant::now();
     let mut kind = "unknown";
+    let counted = request.uri().path() != "/accounts";
     let result = async {
+        let key = decode::idempotency_key(
+            request
+                .headers()
+                .get("idempotency-key")
+                .map(HeaderValue::as_bytes),
+        )?;
         let body = read_body(app, request).await?;
-        let transaction = decode::transaction(&body)?;
-        kind = transaction.amount.kind().as_str();
-        let answer = app.engine.submit(transaction.clone())?;
-        // Once queued, the transaction will be decided whatever happens to this request, so there is
+        let command = decode(&body)?;
+        kind = match &command {
+            Command::Transaction(transaction) => transaction.amount.kind().as_str(),
+            Command::Transfer(_) => Kind::Transfer.as_str(),
+            Command::OpenAccount(_) => "account",
+        };
+        let answer = app.engine.submit(command.clone(), key)?;
+        // Once queued, the command will be decided whatever happens to this request, so there is
         // no timeout here: a worker always answers, after at most one commit's time.
-        let outcome = answer.await.map_err(|_| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the transaction's worker stopped",
-            )
-        })?;
-        outcome_response(&transaction, outcome)
+        let outcome = answer
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::Internal, "the command's worker stopped"))?;
+        let replayed = matches!(outcome, Outcome::Replayed(_));
+        let (status, body) = outcome_result(&command, &outcome)?;
+        let mut response = bytes_response(status, body);
+        if replayed {
+            response
+                .headers_mut()
+                .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        }
+        Ok::<_, ApiError>(response)
     }
     .await;
     let (label, response) = match result {
-        Ok(response) => (OutcomeLabel::Committed, response),
+        Ok(response) if response.status().is_success() => (OutcomeLabel::Committed, response),
+        Ok(response) => (OutcomeLabel::Rejected, response),
         Err(error) => (error.outcome_label(), error.into_response()),
     };
-    let latency = started.elapsed();
-    app.analytics.record(label, latency);
-    telemetry::record_transaction(kind, label, latency);
+    if counted {
+        let latency = started.elapsed();
+        app.analytics.record(label, latency);
+        telemetry::record_transaction(kind, label, latency);
+    }
     response
 }
 
@@ -153,16 +252,14 @@ where
             .unwrap_or(false);
         if !is_json {
             return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+                ErrorCode::UnsupportedMediaType,
                 "send the body as application/json",
             ));
         }
     }
     let too_large = || {
         ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
+            ErrorCode::BodyTooLarge,
             format!("the body is larger than {} bytes", app.body_limit_bytes),
         )
     };
@@ -176,56 +273,184 @@ where
     let limited = Limited::new(request.into_body(), app.body_limit_bytes);
     match tokio::time::timeout(app.request_timeout, limited.collect()).await {
         Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
+            ErrorCode::RequestTimeout,
             format!(
                 "the body did not arrive within {} ms",
                 app.request_timeout.as_millis()
             ),
         )),
         Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Ok(Err(error)) => Err(ApiError::bad_request(
-            "invalid_body",
+        Ok(Err(error)) => Err(ApiError::new(
+            ErrorCode::InvalidBody,
             format!("the body could not be read: {error}"),
         )),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
 }
 
-/// `GET /balance?card_number=...`: a committed balance from the read pool.
+/// Runs a blocking read of the store on the blocking pool, never on a reactor thread.
+async fn read<T: Send + 'static>(
+    app: &App,
+    read: impl FnOnce(&dyn Reader) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let reader = Arc::clone(&app.reader);
+    tokio::task::spawn_blocking(move || read(reader.as_ref()))
+        .await
+        .map_err(|_| ApiError::storage_unavailable())?
+        .map_err(|error| {
+            tracing::warn!(%error, "a read failed");
+            ApiError::storage_unavailable()
+        })
+}
+
+fn card_not_found(card: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::CardNotFound,
+        format!("no account has card number {card}"),
+    )
+}
+
+/// The first value of query parameter `name`.
+fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    decode::query_pairs(query).find_map(|(key, value)| (key == name).then_some(value))
+}
+
+/// `GET /balance?card_number=...[&at=UNIX_MS]`: a committed balance, now or as of a moment.
 async fn balance(app: &App, query: Option<&str>) -> HttpResponse {
     let result = async {
-        let text = query
-            .unwrap_or("")
-            .split('&')
-            .find_map(|pair| pair.strip_prefix("card_number="))
-            .ok_or_else(|| ApiError::bad_request("missing_field", "give the card as ?card_number=..."))?;
-        let card = CardNumber::parse(text)
-            .map_err(|e| ApiError::bad_request("invalid_card_number", e.to_string()))?;
-        let reader = Arc::clone(&app.reader);
+        let text = query_value(query, "card_number")
+            .ok_or_else(|| ApiError::new(ErrorCode::MissingField, "give the card as ?card_number=..."))?;
+        let card = decode::card_parameter(text)?;
+        let at = query_value(query, "at")
+            .map(|at| decode::id_parameter("at", at))
+            .transpose()?;
         let lookup = card.clone();
-        // Pooled SQLite reads block, so they run on the blocking pool, never on a reactor thread.
-        let found = tokio::task::spawn_blocking(move || reader.balance(&lookup))
-            .await
-            .map_err(|_| ApiError::storage_unavailable())?
-            .map_err(|error| {
-                tracing::warn!(%error, "a balance read failed");
-                ApiError::storage_unavailable()
-            })?;
-        match found {
+        match read(app, move |reader| reader.balance(&lookup, at)).await? {
             Some(balance) => Ok(json_response(
                 StatusCode::OK,
                 &json!({ "card_number": card.as_str(), "balance": balance }),
             )),
-            None => Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "card_not_found",
-                format!("no account has card number {card}"),
-            )),
+            None => Err(card_not_found(card.as_str())),
         }
     }
     .await;
     result.unwrap_or_else(ApiError::into_response)
+}
+
+/// `GET /accounts/{card}`.
+async fn account(app: &App, card: &str) -> HttpResponse {
+    let result = async {
+        let card = decode::card_parameter(card)?;
+        let lookup = card.clone();
+        read(app, move |reader| reader.account(&lookup))
+            .await?
+            .map(|account| json_response(StatusCode::OK, &account))
+            .ok_or_else(|| card_not_found(card.as_str()))
+    }
+    .await;
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+/// `GET /accounts/{card}/entries?limit=20&starting_after=ID`: newest first.
+async fn entries(app: &App, card: &str, query: Option<&str>) -> HttpResponse {
+    let result = async {
+        let card = decode::card_parameter(card)?;
+        let limit = match query_value(query, "limit") {
+            None => ENTRIES_LIMIT_DEFAULT,
+            Some(text) => {
+                let limit = decode::id_parameter("limit", text)
+                    .ok()
+                    .filter(|limit| *limit <= ENTRIES_LIMIT_MAX)
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            ErrorCode::InvalidParameter,
+                            format!("limit must be an integer from 1 to {ENTRIES_LIMIT_MAX}"),
+                        )
+                    })?;
+                limit as u32
+            }
+        };
+        let cursor = query_value(query, "starting_after")
+            .map(|text| decode::id_parameter("starting_after", text))
+            .transpose()?;
+        let lookup = card.clone();
+        read(app, move |reader| reader.entries(&lookup, limit, cursor))
+            .await?
+            .map(|page| json_response(StatusCode::OK, &page))
+            .ok_or_else(|| card_not_found(card.as_str()))
+    }
+    .await;
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+fn transaction_not_found(what: String) -> ApiError {
+    ApiError::new(ErrorCode::TransactionNotFound, what)
+}
+
+/// `GET /transactions/{id}`.
+async fn transaction_by_id(app: &App, id: &str) -> HttpResponse {
+    let result = async {
+        let id = decode::id_parameter("the transaction id", id)?;
+        read(app, move |reader| reader.transaction(id))
+            .await?
+            .map(|transaction| json_response(StatusCode::OK, &transaction))
+            .ok_or_else(|| transaction_not_found(format!("no transaction has id {id}")))
+    }
+    .await;
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+/// `GET /transactions?idempotency_key=K`: what a keyed request produced, for a client that lost
+/// its answer. The key is percent-decoded, as a query string's values are.
+async fn transaction_by_key(app: &App, query: Option<&str>) -> HttpResponse {
+    let result = async {
+        let text = query_value(query, "idempotency_key").ok_or_else(|| {
+            ApiError::new(ErrorCode::MissingField, "give the key as ?idempotency_key=...")
+        })?;
+        let bytes = percent_decode(text)
+            .ok_or_else(|| ApiError::new(ErrorCode::InvalidIdempotencyKey, "the key is not percent-encoded properly"))?;
+        let key = decode::idempotency_key(Some(&bytes))?.expect("a key was given");
+        let lookup = key.clone();
+        read(app, move |reader| reader.transaction_by_key(&lookup))
+            .await?
+            .map(|transaction| json_response(StatusCode::OK, &transaction))
+            .ok_or_else(|| {
+                transaction_not_found(format!(
+                    "no transaction was produced under the key {:?} (it is unused, was pruned, or its request was refused)",
+                    key.as_str()
+                ))
+            })
+    }
+    .await;
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+/// `%XX` escapes and `+` as a space; `None` for a broken escape.
+fn percent_decode(text: &str) -> Option<Vec<u8>> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            byte => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    Some(out)
 }
 
 fn metrics(app: &App) -> HttpResponse {
@@ -284,7 +509,7 @@ fn readyz(app: &App) -> HttpResponse {
         } else {
             "the last commit failed"
         };
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", reason).into_response()
+        ApiError::new(ErrorCode::NotReady, reason).into_response()
     }
 }
 

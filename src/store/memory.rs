@@ -1,56 +1,109 @@
 //! An in-memory [`Store`], for tests of the engine: the same contract as SQLite, without a disk,
-//! and with a switch that makes commits fail as a full disk would.
+//! with a switch that makes commits fail as a full disk would, and one that makes the next commit
+//! see another writer's change.
 
 use std::collections::HashMap;
 
-use super::{Posting, Store, StoreError};
-use crate::domain::CardNumber;
+use super::{Batch, IdempotencyKey, LedgerState, Store, StoreError, StoredAnswer, TransactionRecord};
+use crate::domain::{Account, CardNumber};
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    pub balances: HashMap<CardNumber, i64>,
-    /// Every committed posting with its id, in commit order.
-    pub journal: Vec<(i64, Posting)>,
+    pub balances: HashMap<Account, i64>,
+    /// Every committed transaction, in commit order.
+    pub transactions: Vec<TransactionRecord>,
+    /// Idempotency records by (scope, key), with their creation time.
+    pub idempotency: HashMap<(String, String), (StoredAnswer, i64)>,
     /// While true, every commit fails and changes nothing.
     pub fail_commits: bool,
+    /// While above zero, that many commits are refused as if another writer had changed the data.
+    pub conflicts: u32,
 }
 
 impl MemoryStore {
     pub fn with_accounts(accounts: impl IntoIterator<Item = (CardNumber, i64)>) -> Self {
+        let mut balances: HashMap<Account, i64> = accounts
+            .into_iter()
+            .map(|(card, balance)| (Account::Card(card), balance))
+            .collect();
+        balances.insert(Account::World, 0);
         Self {
-            balances: accounts.into_iter().collect(),
+            balances,
             ..Self::default()
         }
+    }
+
+    pub fn card_balance(&self, card: &CardNumber) -> Option<i64> {
+        self.balances.get(&Account::Card(card.clone())).copied()
     }
 }
 
 impl Store for MemoryStore {
-    fn balance(&mut self, card: &CardNumber) -> Result<Option<i64>, StoreError> {
-        Ok(self.balances.get(card).copied())
+    fn load(&mut self) -> Result<LedgerState, StoreError> {
+        let mut state = LedgerState {
+            next_transaction_id: self.transactions.last().map_or(1, |t| t.id + 1),
+            ..LedgerState::default()
+        };
+        for (account, balance) in &self.balances {
+            match account {
+                Account::Card(card) => state.cards.push((card.clone(), *balance)),
+                Account::World => state.world = *balance,
+            }
+        }
+        Ok(state)
     }
 
-    fn commit(&mut self, postings: &[Posting], _at_unix_ms: i64) -> Result<Vec<i64>, StoreError> {
-        if self.fail_commits {
-            return Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
-                Some("database or disk is full".into()),
-            )));
-        }
-        let mut ids = Vec::with_capacity(postings.len());
-        for posting in postings {
-            let id = self.journal.len() as i64 + 1;
-            self.balances.insert(posting.card.clone(), posting.balance_after);
-            self.journal.push((id, posting.clone()));
-            ids.push(id);
-        }
-        Ok(ids)
+    fn changed_outside(&mut self) -> Result<bool, StoreError> {
+        Ok(false)
     }
 
-    fn balances(&mut self) -> Result<Vec<(CardNumber, i64)>, StoreError> {
+    fn idempotent_answer(
+        &mut self,
+        scope: &str,
+        key: &IdempotencyKey,
+    ) -> Result<Option<StoredAnswer>, StoreError> {
         Ok(self
-            .balances
+            .idempotency
+            .get(&(scope.to_owned(), key.as_str().to_owned()))
+            .map(|(stored, _)| stored.clone()))
+    }
+
+    fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        if self.fail_commits {
+            return Err(StoreError::Retryable("database or disk is full".into()));
+        }
+        if self.conflicts > 0 {
+            self.conflicts -= 1;
+            return Err(StoreError::Conflict("changed by another writer".into()));
+        }
+        for account in &batch.accounts {
+            self.balances.insert(Account::Card(account.card.clone()), 0);
+        }
+        for record in &batch.transactions {
+            for leg in &record.legs {
+                self.balances.insert(leg.account.clone(), leg.balance_after);
+            }
+            self.transactions.push(record.clone());
+        }
+        for record in &batch.idempotency {
+            let key = (record.scope.to_owned(), record.key.as_str().to_owned());
+            self.idempotency
+                .insert(key, (record.stored.clone(), batch.at_unix_ms));
+        }
+        Ok(())
+    }
+
+    fn prune_idempotency(&mut self, before_unix_ms: i64, rows_max: u32) -> Result<usize, StoreError> {
+        let old: Vec<(String, String)> = self
+            .idempotency
             .iter()
-            .map(|(card, balance)| (card.clone(), *balance))
-            .collect())
+            .filter(|(_, (_, at))| *at < before_unix_ms)
+            .map(|(key, _)| key.clone())
+            .take(rows_max as usize)
+            .collect();
+        for key in &old {
+            self.idempotency.remove(key);
+        }
+        Ok(old.len())
     }
 }

@@ -1,0 +1,132 @@
+//! What a database file holds, and making it the current schema: a new file is created and
+//! seeded, a version-1 file is upgraded in place, and anything else is refused untouched.
+
+use std::path::Path;
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::store::StoreError;
+
+/// The schema this binary writes (`PRAGMA user_version`).
+pub const VERSION: i64 = 2;
+
+const SCHEMA: &str = include_str!("schema.sql");
+const MIGRATE_V1_TO_V2: &str = include_str!("migrate_v1_to_v2.sql");
+
+/// The first step of the version-1 upgrade: move the old tables out of the new names' way.
+const V1_SET_ASIDE: &str = "DROP TRIGGER journal_rows_are_immutable; \
+     DROP TRIGGER journal_rows_are_permanent; \
+     ALTER TABLE accounts RENAME TO v1_accounts; \
+     ALTER TABLE journal RENAME TO v1_journal;";
+
+/// Version 1's invariants, which the upgrade relies on: balances match the journal, row by row.
+const V1_BROKEN_ROWS: &str = "SELECT \
+     (SELECT count(*) FROM accounts a LEFT JOIN \
+        (SELECT card_number, SUM(amount) AS total FROM journal GROUP BY card_number) j \
+        ON j.card_number = a.card_number \
+      WHERE a.balance <> a.opening_balance + coalesce(j.total, 0)) + \
+     (SELECT count(*) FROM (SELECT j.balance_after, a.opening_balance + SUM(j.amount) OVER \
+        (PARTITION BY j.card_number ORDER BY j.id) AS expected \
+        FROM journal j JOIN accounts a ON a.card_number = j.card_number) WHERE balance_after <> expected) + \
+     (SELECT count(*) FROM journal WHERE card_number NOT IN (SELECT card_number FROM accounts))";
+
+/// What a file holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    /// No tables: a new or empty file.
+    Empty,
+    /// A database of the releases before the double-entry ledger.
+    Version1,
+    Current,
+    Newer(i64),
+    /// Tables, but not tallyd's: another program's database.
+    Foreign(Vec<String>),
+}
+
+fn inspect(conn: &Connection) -> Result<Found, StoreError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    let mut stmt = conn.prepare(
+        "SELECT name FROM sqlite_schema WHERE type IN ('table', 'view') \
+         AND name NOT LIKE 'sqlite_%' ORDER BY name",
+    )?;
+    let names: Vec<String> = stmt.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
+    let has = |wanted: &[&str]| wanted.iter().all(|name| names.iter().any(|n| n == name));
+    Ok(if names.is_empty() {
+        Found::Empty
+    } else if version > VERSION {
+        Found::Newer(version)
+    } else if version == VERSION && has(&["ledger_accounts", "transactions", "entries", "idempotency_keys"]) {
+        Found::Current
+    } else if version == 1 && has(&["accounts", "journal"]) {
+        Found::Version1
+    } else {
+        Found::Foreign(names)
+    })
+}
+
+/// Makes the file at `path` a current tallyd database, or says why it will not.
+pub fn prepare(conn: &mut Connection, path: &Path, seed: Option<&Path>) -> Result<(), StoreError> {
+    let db = path.display();
+    match inspect(conn)? {
+        Found::Current => Ok(()),
+        Found::Empty => {
+            let seed_sql = match seed {
+                Some(file) => std::fs::read_to_string(file).map_err(|error| {
+                    StoreError::Unusable(format!("cannot read the seed file {}: {error}", file.display()))
+                })?,
+                None => super::BUILTIN_SEED.to_owned(),
+            };
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(SCHEMA)?;
+            tx.execute_batch(&seed_sql).map_err(|error| {
+                StoreError::Unusable(format!(
+                    "the seed does not load into schema version {VERSION}: {error}"
+                ))
+            })?;
+            tx.commit()?;
+            tracing::info!(db = %db, "created a new database from the seed");
+            Ok(())
+        }
+        Found::Version1 => upgrade_from_v1(conn, path),
+        Found::Newer(version) => Err(StoreError::Unusable(format!(
+            "{db} has schema version {version}, newer than this tallyd's ({VERSION}); run a newer release"
+        ))),
+        Found::Foreign(tables) => Err(StoreError::Unusable(format!(
+            "{db} is not a tallyd database (it holds {}); tallyd will not write to it. \
+             Point --db at a new file",
+            list(&tables)
+        ))),
+    }
+}
+
+/// Version 1 to 2, in one transaction: every journal row becomes a deposit or a withdrawal with
+/// the same id; nothing is changed if anything fails.
+fn upgrade_from_v1(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let broken: i64 = tx.query_row(V1_BROKEN_ROWS, [], |row| row.get(0))?;
+    if broken != 0 {
+        return Err(StoreError::Unusable(format!(
+            "{} is a version-1 database whose balances do not match its journal ({broken} rows); \
+             it was not upgraded. Run `tallyd verify` with the release that wrote it",
+            path.display()
+        )));
+    }
+    let rows: i64 = tx.query_row("SELECT count(*) FROM journal", [], |row| row.get(0))?;
+    tx.execute_batch(V1_SET_ASIDE)?;
+    tx.execute_batch(SCHEMA)?;
+    tx.execute_batch(MIGRATE_V1_TO_V2)?;
+    tx.commit()?;
+    tracing::info!(db = %path.display(), journal_rows = rows, "upgraded the database from schema version 1 to {VERSION}");
+    Ok(())
+}
+
+fn list(tables: &[String]) -> String {
+    const SHOWN_MAX: usize = 8;
+    let shown: Vec<&str> = tables.iter().take(SHOWN_MAX).map(String::as_str).collect();
+    let more = tables.len().saturating_sub(SHOWN_MAX);
+    let mut text = format!("tables {}", shown.join(", "));
+    if more > 0 {
+        text.push_str(&format!(" and {more} more"));
+    }
+    text
+}

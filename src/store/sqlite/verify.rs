@@ -1,0 +1,104 @@
+//! `tallyd verify`'s checks: SQLite's own integrity check, then every invariant of the double-entry
+//! ledger as a query counting the rows that break it. Read-only: it works on a live database.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::schema;
+use crate::store::StoreError;
+
+/// One invariant: what it says, and how many rows break it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub violations: i64,
+}
+
+/// How long verify waits on SQLite (only during WAL recovery by another process).
+const VERIFY_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+const INVARIANTS: &[(&str, &str)] = &[
+    (
+        "the legs of every transaction sum to zero",
+        "SELECT count(*) FROM (SELECT transaction_id FROM entries GROUP BY transaction_id \
+           HAVING SUM(amount) <> 0)",
+    ),
+    (
+        "every transaction has exactly two legs: its source debited and its destination credited by its amount",
+        "SELECT (SELECT count(*) FROM transactions t WHERE \
+             NOT EXISTS (SELECT 1 FROM entries e WHERE e.account = t.source AND e.transaction_id = t.id \
+                         AND e.amount = -t.amount) \
+          OR NOT EXISTS (SELECT 1 FROM entries e WHERE e.account = t.destination AND e.transaction_id = t.id \
+                         AND e.amount = t.amount)) + \
+         (SELECT count(*) FROM (SELECT transaction_id, count(*) AS legs FROM entries GROUP BY transaction_id) g \
+             LEFT JOIN transactions t ON t.id = g.transaction_id WHERE g.legs <> 2 OR t.id IS NULL)",
+    ),
+    (
+        "a transaction's kind matches its accounts (deposits from @world, withdrawals to it, transfers between cards)",
+        "SELECT count(*) FROM transactions WHERE NOT ( \
+           (kind = 'deposit' AND source = '@world' AND destination <> '@world') OR \
+           (kind = 'withdrawal' AND destination = '@world' AND source <> '@world') OR \
+           (kind = 'transfer' AND source <> '@world' AND destination <> '@world'))",
+    ),
+    (
+        "every entry names an existing account",
+        "SELECT count(*) FROM entries WHERE account NOT IN (SELECT name FROM ledger_accounts)",
+    ),
+    (
+        "every entry's balance_after = opening balance + running sum of the account's entries",
+        "SELECT count(*) FROM (SELECT e.balance_after, a.opening_balance + SUM(e.amount) OVER \
+           (PARTITION BY e.account ORDER BY e.transaction_id) AS expected \
+           FROM entries e JOIN ledger_accounts a ON a.name = e.account) WHERE balance_after <> expected",
+    ),
+    (
+        "no card's balance below zero, ever",
+        "SELECT (SELECT count(*) FROM entries WHERE balance_after < 0 AND account <> '@world') + \
+                (SELECT count(*) FROM ledger_accounts WHERE opening_balance < 0 AND name <> '@world')",
+    ),
+    (
+        "all balances together, @world's included, sum to the opening total",
+        "SELECT (SELECT coalesce(SUM(opening_balance), 0) FROM ledger_accounts) <> \
+                (SELECT coalesce(SUM(coalesce((SELECT e.balance_after FROM entries e WHERE e.account = a.name \
+                    ORDER BY e.transaction_id DESC LIMIT 1), a.opening_balance)), 0) FROM ledger_accounts a)",
+    ),
+    (
+        "every amount is positive and within the per-transaction limit",
+        "SELECT count(*) FROM transactions WHERE amount <= 0 OR amount > 1000000000000",
+    ),
+    (
+        "every idempotency record of a transaction names one that exists",
+        "SELECT count(*) FROM idempotency_keys WHERE transaction_id IS NOT NULL \
+           AND transaction_id NOT IN (SELECT id FROM transactions)",
+    ),
+];
+
+/// Runs SQLite's own integrity check, then every invariant, over the database at `path` (opened
+/// read-only). Returns the number of transactions and each check.
+pub fn verify(path: &Path) -> Result<(i64, Vec<Check>), StoreError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(VERIFY_BUSY_TIMEOUT)?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if version != schema::VERSION {
+        return Err(StoreError::Unusable(format!(
+            "{} has schema version {version}; this tallyd verifies version {} (serve upgrades a version-1 file)",
+            path.display(),
+            schema::VERSION
+        )));
+    }
+    // One snapshot for every check, so that a live server's commits cannot make them disagree.
+    conn.execute_batch("BEGIN")?;
+    let integrity: String = conn.query_row("PRAGMA integrity_check", [], |row| row.get(0))?;
+    let mut checks = vec![Check {
+        name: "SQLite integrity_check",
+        violations: i64::from(integrity != "ok"),
+    }];
+    for (name, sql) in INVARIANTS {
+        let violations = conn.query_row(sql, [], |row| row.get(0))?;
+        checks.push(Check { name, violations });
+    }
+    let transactions = conn.query_row("SELECT count(*) FROM transactions", [], |row| row.get(0))?;
+    conn.execute_batch("COMMIT")?;
+    Ok((transactions, checks))
+}
