@@ -13,7 +13,12 @@
 #   DURATION=15s   wrk's -d for each run            RUNS=3        runs per target and connection count
 #   CONNS="64 256" connection counts                 THREADS=2     wrk's -t (the machine has 2 cores)
 #   TARGETS="noop tallyd batch1 normal"              QUICK=1       DURATION=3s RUNS=1, results to bench/out/
-#   (also: workers1, workers2, workers4: tallyd with --workers N, to compare pool sizes)
+#   (also: workers1, workers2, workers4: tallyd with --workers N, to compare pool sizes;
+#    keyed: POST /transaction with a new Idempotency-Key on every request;
+#    transfers, transfers_zipf, transfers_hot: POST /transfers between uniform random cards, Zipf-skewed
+#    cards (s = 1.0), or from random cards to one merchant card;
+#    baseline: POST /transaction on the release built from BASELINE_REV, to compare before and after a change)
+#   BASELINE_REV=758fffc  the commit the baseline target builds (in a git worktree under bench/out/)
 #   RESULTS=path   where the table goes              BENCH_TMP=dir where the fresh databases go (default /tmp)
 #   JOBS=2         cargo build -j                    SKIP_BUILD=1  use the binaries already built
 # Every server listens on 127.0.0.1 with a port the OS picks; every process it starts is killed on exit.
@@ -36,8 +41,10 @@ RESULTS="${RESULTS:-$ROOT/bench/RESULTS.md}"
 JOBS="${JOBS:-2}"
 CARDS=100000
 WRK_TIMEOUT=10s
-SCRIPT=bench/transaction.lua
 OUT="$ROOT/bench/out"
+BASELINE_REV="${BASELINE_REV:-758fffc}"
+BASELINE_DIR="$OUT/baseline-$BASELINE_REV"
+BASELINE="$BASELINE_DIR/target/release/tallyd"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 TALLYD="$TARGET_DIR/release/tallyd"
 NOOP="$TARGET_DIR/release/examples/noop"
@@ -57,13 +64,16 @@ if ! command -v sqlite3 >/dev/null && ! command -v python3 >/dev/null; then
     install_debian_package sqlite3
 fi
 
-# Prints the number of rows in DB's journal table.
+# Prints the number of committed transactions in DB: rows of `transactions` (schema 2), or of the
+# journal on a version-1 database (the baseline).
 count_journal() {
-    if command -v sqlite3 >/dev/null; then
-        sqlite3 "$1" 'SELECT count(*) FROM journal;'
-    else
-        python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("SELECT count(*) FROM journal").fetchone()[0])' "$1"
-    fi
+    python3 - "$1" <<'PY'
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1])
+tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+table = "transactions" if "transactions" in tables else "journal"
+print(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+PY
 }
 
 # --- processes ----------------------------------------------------------------------------------------------
@@ -101,6 +111,13 @@ if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
     cargo build --release --bins --examples -j "$JOBS" >&2
 fi
 [[ -x "$TALLYD" ]] || die "missing $TALLYD"
+if [[ " $TARGETS " == *" baseline "* && ! -x "$BASELINE" ]]; then
+    log "building the baseline ($BASELINE_REV) in $BASELINE_DIR"
+    rm -rf "$BASELINE_DIR"
+    git -C "$ROOT" worktree prune
+    git -C "$ROOT" worktree add --detach "$BASELINE_DIR" "$BASELINE_REV" >&2
+    (cd "$BASELINE_DIR" && cargo build --release --locked --bin tallyd -j "$JOBS" >&2)
+fi
 [[ -x "$NOOP" ]] || die "missing $NOOP"
 
 # The command line of each target; DB is replaced by a fresh file each run.
@@ -113,7 +130,19 @@ target_command() {
     workers1) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full --workers 1" ;;
     workers2) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full --workers 2" ;;
     workers4) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full --workers 4" ;;
-    *) die "unknown target $1 (noop, tallyd, batch1, normal, workers1, workers2, workers4)" ;;
+    keyed | transfers | transfers_zipf | transfers_hot) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full" ;;
+    baseline) echo "$BASELINE serve --listen 127.0.0.1:0 --db DB --durability full" ;;
+    *) die "unknown target $1 (noop, tallyd, batch1, normal, workers1, workers2, workers4, keyed, transfers, transfers_zipf, transfers_hot, baseline)" ;;
+    esac
+}
+# The wrk script and its arguments (after the card count) of each target.
+target_script() {
+    case "$1" in
+    keyed) echo "bench/transaction.lua keyed" ;;
+    transfers) echo "bench/transfers.lua uniform" ;;
+    transfers_zipf) echo "bench/transfers.lua zipf" ;;
+    transfers_hot) echo "bench/transfers.lua hot" ;;
+    *) echo "bench/transaction.lua" ;;
     esac
 }
 target_label() {
@@ -125,6 +154,11 @@ target_label() {
     workers1) echo "tallyd --workers 1 (full)" ;;
     workers2) echo "tallyd --workers 2 (full)" ;;
     workers4) echo "tallyd --workers 4 (full)" ;;
+    keyed) echo "tallyd, POST /transaction with an Idempotency-Key each (full)" ;;
+    transfers) echo "tallyd, POST /transfers, uniform random cards (full)" ;;
+    transfers_zipf) echo "tallyd, POST /transfers, Zipf s=1.0 cards (full)" ;;
+    transfers_hot) echo "tallyd, POST /transfers, all to one merchant card (full)" ;;
+    baseline) echo "baseline: tallyd $BASELINE_REV, POST /transaction (full)" ;;
     esac
 }
 for target in $TARGETS; do target_command "$target" >/dev/null; done
@@ -147,7 +181,10 @@ run_one() {
     local journal_before=0
     [[ "$target" == noop ]] || journal_before="$(count_journal "$db")"
 
-    wrk -t"$THREADS" -c"$conns" -d"$DURATION" --timeout "$WRK_TIMEOUT" -s "$SCRIPT" "http://$SERVER_ADDR" -- "$CARDS" \
+    local script script_args
+    read -r script script_args <<<"$(target_script "$target")"
+    # shellcheck disable=SC2086 # script_args is a list of words
+    wrk -t"$THREADS" -c"$conns" -d"$DURATION" --timeout "$WRK_TIMEOUT" -s "$script" "http://$SERVER_ADDR" -- "$CARDS" $script_args \
         >"$OUT/$name.wrk.log" 2>&1 || die "wrk failed: see $OUT/$name.wrk.log"
     local line
     line="$(grep '^BENCH ' "$OUT/$name.wrk.log" || true)"
@@ -178,7 +215,9 @@ run_one() {
     if [[ "$target" != noop ]]; then
         added=$(($(count_journal "$db") - journal_before))
         missing=$((ok200 > added ? ok200 - added : 0))
-        if "$TALLYD" verify --db "$db" >"$OUT/$name.verify.log" 2>&1; then verify=ok; else verify=FAIL; fi
+        local verifier="$TALLYD"
+        [[ "$target" != baseline ]] || verifier="$BASELINE"
+        if "$verifier" verify --db "$db" >"$OUT/$name.verify.log" 2>&1; then verify=ok; else verify=FAIL; fi
     fi
     rm -f "$db" "$db-wal" "$db-shm"
 
@@ -240,9 +279,9 @@ mkdir -p "$(dirname "$RESULTS")"
     echo "- Disk holding the databases: $(disk_of "$WORK")"
     echo "- Load average (1, 5, 15 min) before the runs: $START_LOAD; after: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews every figure; compare rows, not runs on different days)"
     echo "- Load: $(wrk -v 2>&1 | head -n1 || true); \`-t$THREADS\`, $DURATION per run, $RUNS run(s) per row, median shown; wrk and the server share the same $(nproc) cores"
-    echo "- Each run: a fresh server on a fresh database seeded with $CARDS cards, then \`SELECT count(*) FROM journal\` and \`tallyd verify\` after a graceful stop (SIGTERM)"
+    echo "- Each run: a fresh server on a fresh database seeded with $CARDS cards, then the committed transactions counted (\`SELECT count(*) FROM transactions\`, the journal on the baseline) and \`tallyd verify\` after a graceful stop (SIGTERM)"
     echo
-    echo "| target | conns | req/s | 200/s | p50 ms | p99 ms | peak RSS MiB | journal rows added | 200s missing from journal (all runs) | 422 / 503 / other | socket errors | mean batch | mean commit ms | exit on SIGTERM | verify |"
+    echo "| target | conns | req/s | 200/s | p50 ms | p99 ms | peak RSS MiB | transactions added | 200s missing from the database (all runs) | 422 / 503 / other | socket errors | mean batch | mean commit ms | exit on SIGTERM | verify |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|"
     for conns in $CONNS; do
         for target in $TARGETS; do
@@ -272,6 +311,30 @@ mkdir -p "$(dirname "$RESULTS")"
             echo "| $conns | $tps | $(ratio "$tps" "$(median noop "$conns" 5)") | $(ratio "$tps" "$(median batch1 "$conns" 7)") | $goal | $p99 | $met |"
         done
     fi
+    if [[ " $TARGETS " == *" transfers "* || " $TARGETS " == *" keyed "* || " $TARGETS " == *" baseline "* ]]; then
+        echo
+        echo "## The ledger: transfers, idempotency keys, and POST /transaction against its baseline"
+        echo
+        echo "Each figure is durable 200s per second (median), with its share of the noop ceiling in the same run."
+        echo
+        echo "| conns | target | 200/s | of the ceiling | p50 ms | p99 ms | peak RSS MiB | against |"
+        echo "|---:|---|---:|---:|---:|---:|---:|---|"
+        for conns in $CONNS; do
+            ceiling="$(median noop "$conns" 5)"
+            for target in baseline tallyd keyed transfers transfers_zipf transfers_hot; do
+                [[ " $TARGETS " == *" $target "* ]] || continue
+                tps="$(median "$target" "$conns" 7)"
+                case "$target" in
+                tallyd) against="$(ratio "$tps" "$(median baseline "$conns" 7)") of baseline" ;;
+                keyed) against="$(ratio "$tps" "$(median tallyd "$conns" 7)") of tallyd without keys (goal ≥ 0.90)" ;;
+                transfers) against="goal ≥ 45,000/s at 256" ;;
+                transfers_zipf | transfers_hot) against="$(ratio "$tps" "$(median transfers "$conns" 7)") of uniform (goal ≥ 0.90)" ;;
+                *) against="-" ;;
+                esac
+                echo "| $conns | $target | $tps | $(ratio "$tps" "$ceiling") | $(median "$target" "$conns" 8) | $(median "$target" "$conns" 9) | $(median "$target" "$conns" 10) | $against |"
+            done
+        done
+    fi
     echo
     echo "## Exact commands"
     echo
@@ -280,8 +343,11 @@ mkdir -p "$(dirname "$RESULTS")"
     for target in $TARGETS; do
         echo "$(target_command "$target" | sed "s|$ROOT/||; s|DB|\$WORK/<target>-c<conns>-r<run>.db|")   # $target"
     done
-    echo "wrk -t$THREADS -c<conns> -d$DURATION --timeout $WRK_TIMEOUT -s $SCRIPT http://<listening addr> -- $CARDS   # conns: $CONNS"
-    echo "sqlite3 \$DB 'SELECT count(*) FROM journal;'   # before and after the load"
+    for target in $TARGETS; do
+        read -r script script_args <<<"$(target_script "$target")"
+        echo "wrk -t$THREADS -c<conns> -d$DURATION --timeout $WRK_TIMEOUT -s $script http://<listening addr> -- $CARDS${script_args:+ $script_args}   # $target, conns: $CONNS"
+    done
+    echo "sqlite3 \$DB 'SELECT count(*) FROM transactions;'   # before and after the load (journal on the baseline)"
     echo "target/release/tallyd verify --db \$DB"
     echo '```'
     echo

@@ -1,7 +1,8 @@
 -- wrk script for bench/run.sh: POST /transaction with a random seeded card and a signed amount.
 --
--- Usage: wrk -t2 -c64 -d15s -s bench/transaction.lua http://127.0.0.1:PORT -- [CARDS]
+-- Usage: wrk -t2 -c64 -d15s -s bench/transaction.lua http://127.0.0.1:PORT -- [CARDS] [keyed]
 --   CARDS: how many seeded cards `4%015d` to draw from (default 100000, as docs/CONTRACT.md seeds).
+--   keyed: send a new Idempotency-Key with every request (thread, counter and a random part).
 --
 -- Every answer is counted by status in response(), and done() prints one line that bench/run.sh parses:
 --   BENCH requests=N duration_us=N ok200=N s422=N s503=N other=N ... p50_us=N p99_us=N
@@ -25,8 +26,11 @@ end
 
 function init(args)
    cards = tonumber(args[1]) or 100000
+   keyed = args[2] == "keyed"
    ok200, s422, s503, other = 0, 0, 0, 0
    math.randomseed(os.time() * 1000 + id * 7919)
+   salt = string.format("%08x", math.random(0, 0x7fffffff))
+   sent = 0
 end
 
 function request()
@@ -35,6 +39,14 @@ function request()
       amount = -amount
    end
    local body = string.format('{"card_number":"4%015d","amount":%d}', math.random(1, cards), amount)
+   if keyed then
+      sent = sent + 1
+      local headers = {
+         ["Content-Type"] = "application/json",
+         ["Idempotency-Key"] = string.format("bench-%s-%d-%d", salt, id, sent),
+      }
+      return wrk.format(nil, nil, headers, body)
+   end
    return wrk.format(nil, nil, nil, body)
 end
 

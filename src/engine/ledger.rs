@@ -488,3 +488,404 @@ fn stage(
     });
     id
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{PositiveAmount, Reference};
+    use crate::store::memory::MemoryStore;
+
+    fn card(n: u8) -> CardNumber {
+        CardNumber::parse(&format!("{n:06}")).unwrap()
+    }
+
+    fn deposit(n: u8, amount: i64) -> Command {
+        Command::Transaction(TransactionRequest {
+            card: card(n),
+            amount: Amount::new(amount).unwrap(),
+        })
+    }
+
+    fn transfer(from: u8, to: u8, amount: i64) -> Command {
+        Command::Transfer(TransferRequest {
+            source: card(from),
+            destination: card(to),
+            amount: PositiveAmount::new(amount).unwrap(),
+            reference: Some(Reference::new("test".into()).unwrap()),
+        })
+    }
+
+    fn open(n: u8) -> Command {
+        Command::OpenAccount(OpenAccountRequest { card: card(n) })
+    }
+
+    /// A stand-in for the HTTP rendering: deterministic, and different for different outcomes.
+    fn render(_: &Command, outcome: &Outcome) -> (u16, Vec<u8>) {
+        let status = match outcome {
+            Outcome::Refused(_) => 422,
+            _ => 200,
+        };
+        (status, format!("{outcome:?}").into_bytes())
+    }
+
+    fn ledger(accounts: &[(u8, i64)]) -> Ledger<MemoryStore> {
+        let store = MemoryStore::with_accounts(accounts.iter().map(|(n, b)| (card(*n), *b)));
+        Ledger::load(store, render).unwrap()
+    }
+
+    fn run(ledger: &mut Ledger<MemoryStore>, commands: &[Command]) -> BatchReport {
+        ledger.apply_batch(commands.iter().map(|c| (c, None)), 1_000)
+    }
+
+    fn world(ledger: &Ledger<MemoryStore>) -> i64 {
+        ledger.store.balances[&Account::World]
+    }
+
+    #[test]
+    fn the_card_rule_at_its_edges() {
+        let amount = |a| Amount::new(a).unwrap();
+        assert_eq!(
+            apply(100, amount(-100)),
+            Ok(0),
+            "a balance may reach exactly zero"
+        );
+        assert_eq!(apply(100, amount(-101)), Err(CardRule::InsufficientFunds));
+        assert_eq!(apply(0, amount(-1)), Err(CardRule::InsufficientFunds));
+        assert_eq!(apply(i64::MAX - 1, amount(1)), Ok(i64::MAX));
+        assert_eq!(apply(i64::MAX, amount(1)), Err(CardRule::BalanceLimitExceeded));
+    }
+
+    #[test]
+    fn each_command_of_a_batch_stands_or_falls_whole_and_on_its_own() {
+        let mut ledger = ledger(&[(1, 100), (2, 0)]);
+        let report = run(
+            &mut ledger,
+            &[
+                transfer(1, 2, 60), // 40 / 60
+                transfer(1, 2, 60), // refused: only 40, and 2 keeps its 60
+                deposit(3, 5),      // no such card
+                open(3),            // opened with zero
+                open(3),            // exists already, within the batch
+                transfer(2, 3, 60), // 0 / 60
+                deposit(1, -40),    // exactly zero
+                transfer(9, 1, 1),  // no source
+            ],
+        );
+        assert!(report.commit_ok);
+        let at = 1_000;
+        assert_eq!(
+            report.outcomes,
+            [
+                Outcome::Transferred {
+                    id: 1,
+                    source_balance: 40,
+                    destination_balance: 60,
+                    created_at_ms: at
+                },
+                Outcome::Refused(Refusal::InsufficientFunds { balance: 40 }),
+                Outcome::Refused(Refusal::CardNotFound { card: card(3) }),
+                Outcome::Opened { created_at_ms: at },
+                Outcome::Refused(Refusal::AccountExists),
+                Outcome::Transferred {
+                    id: 2,
+                    source_balance: 0,
+                    destination_balance: 60,
+                    created_at_ms: at
+                },
+                Outcome::Posted {
+                    id: 3,
+                    balance: 0,
+                    created_at_ms: at
+                },
+                Outcome::Refused(Refusal::CardNotFound { card: card(9) }),
+            ]
+        );
+        assert_eq!(ledger.store.card_balance(&card(3)), Some(60));
+        assert_eq!(world(&ledger), 40, "the withdrawal went to the outside world");
+        assert_eq!(
+            report.totals,
+            Totals {
+                balance_sum: 60,
+                accounts: 3
+            }
+        );
+        for record in &ledger.store.transactions {
+            assert_eq!(record.legs[0].amount + record.legs[1].amount, 0);
+        }
+    }
+
+    #[test]
+    fn a_failed_commit_changes_nothing_and_the_ledger_rereads_the_store() {
+        let mut ledger = ledger(&[(1, 100), (2, 0)]);
+        run(&mut ledger, &[deposit(1, 50)]);
+        ledger.store.fail_commits = true;
+        let report = run(&mut ledger, &[transfer(1, 2, 120), transfer(1, 2, 500), open(7)]);
+        assert!(!report.commit_ok);
+        assert_eq!(report.outcomes, vec![Outcome::StorageFailed; 3]);
+        assert_eq!(
+            report.totals.balance_sum, 150,
+            "totals are the store's, not the failed batch's"
+        );
+        ledger.store.fail_commits = false;
+        let report = run(&mut ledger, &[transfer(1, 2, 150), open(7)]);
+        assert_eq!(
+            report.outcomes,
+            [
+                Outcome::Transferred {
+                    id: 2,
+                    source_balance: 0,
+                    destination_balance: 150,
+                    created_at_ms: 1_000
+                },
+                Outcome::Opened { created_at_ms: 1_000 },
+            ],
+            "ids continue from the store, not from the failed batch"
+        );
+    }
+
+    #[test]
+    fn a_batch_refused_for_another_writers_change_is_decided_again() {
+        let mut ledger = ledger(&[(1, 100)]);
+        // Another writer deposits 900 behind the ledger's back, noticed before the batch is decided:
+        // the withdrawal, refused on the stale 100, passes on the 1,000.
+        ledger.store.balances.insert(Account::Card(card(1)), 1_000);
+        ledger.store.changed = true;
+        let report = run(&mut ledger, &[deposit(1, -600)]);
+        assert_eq!(
+            report.outcomes,
+            [Outcome::Posted {
+                id: 1,
+                balance: 400,
+                created_at_ms: 1_000
+            }]
+        );
+        // And between the check and the commit: the store refuses the commit, the batch is decided again.
+        ledger.store.balances.insert(Account::Card(card(1)), 2_000);
+        ledger.store.conflicts = 1;
+        let report = run(&mut ledger, &[deposit(1, 1)]);
+        assert_eq!(
+            report.outcomes,
+            [Outcome::Posted {
+                id: 2,
+                balance: 2_001,
+                created_at_ms: 1_000
+            }]
+        );
+        ledger.store.conflicts = COMMIT_ATTEMPTS_MAX;
+        let report = run(&mut ledger, &[deposit(1, 1)]);
+        assert_eq!(
+            report.outcomes,
+            [Outcome::StorageFailed],
+            "conflicts without end fail the batch"
+        );
+    }
+
+    #[test]
+    fn a_key_replays_its_first_answer_and_refuses_another_request() {
+        let mut ledger = ledger(&[(1, 100), (2, 0)]);
+        let key = IdempotencyKey::parse(b"k-1").unwrap();
+        let first = transfer(1, 2, 30);
+        let other = transfer(1, 2, 31);
+        // Three in one batch: the first executes, the same request replays it, another is refused.
+        let batch = [(&first, Some(&key)), (&first, Some(&key)), (&other, Some(&key))];
+        let report = ledger.apply_batch(batch.into_iter(), 1_000);
+        let executed = Outcome::Transferred {
+            id: 1,
+            source_balance: 70,
+            destination_balance: 30,
+            created_at_ms: 1_000,
+        };
+        assert_eq!(report.outcomes[0], executed);
+        let stored = StoredAnswer {
+            fingerprint: first.fingerprint(),
+            status: 200,
+            body: format!("{executed:?}").into_bytes(),
+        };
+        assert_eq!(report.outcomes[1], Outcome::Replayed(stored.clone()));
+        assert_eq!(
+            report.outcomes[2],
+            Outcome::Refused(Refusal::IdempotencyKeyReused)
+        );
+        // A later batch finds it in the store; the same key on another route is another key.
+        let deposit_keyed = deposit(1, 5);
+        let batch = [(&first, Some(&key)), (&deposit_keyed, Some(&key))];
+        let report = ledger.apply_batch(batch.into_iter(), 2_000);
+        assert_eq!(report.outcomes[0], Outcome::Replayed(stored));
+        assert!(matches!(report.outcomes[1], Outcome::Posted { id: 2, .. }));
+        assert_eq!(ledger.store.transactions.len(), 2, "one transfer, one deposit");
+        assert_eq!(ledger.store.transactions[0].idempotency_key.as_ref(), Some(&key));
+    }
+
+    #[test]
+    fn a_decided_refusal_is_stored_and_replayed_even_when_it_would_now_pass() {
+        let mut ledger = ledger(&[(1, 10), (2, 0)]);
+        let key = IdempotencyKey::parse(b"refused").unwrap();
+        let big = transfer(1, 2, 50);
+        let report = ledger.apply_batch([(&big, Some(&key))].into_iter(), 1_000);
+        assert_eq!(
+            report.outcomes[0],
+            Outcome::Refused(Refusal::InsufficientFunds { balance: 10 })
+        );
+        run(&mut ledger, &[deposit(1, 100)]);
+        let report = ledger.apply_batch([(&big, Some(&key))].into_iter(), 2_000);
+        assert!(matches!(&report.outcomes[0], Outcome::Replayed(stored) if stored.status == 422));
+        assert_eq!(ledger.store.card_balance(&card(1)), Some(110));
+    }
+
+    /// xorshift64*: deterministic, printed, replayable.
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+        }
+    }
+
+    /// Random commands and keys against a model of the rules, with failing commits and conflicts
+    /// now and then: after every batch the store's balances equal the model's, every transaction's
+    /// legs sum to zero, and all balances together (the outside world's included) sum to the
+    /// opening total.
+    #[test]
+    fn random_batches_agree_with_a_model_of_the_rules() {
+        const CARDS: u8 = 6;
+        let seed = 0x5eed_1e55_u64;
+        let mut rng = Rng(seed);
+        let opening: Vec<(u8, i64)> = (1..=CARDS).map(|n| (n, i64::from(n) * 1_000)).collect();
+        let opening_total: i64 = opening.iter().map(|(_, b)| b).sum();
+        let mut ledger = ledger(&opening[..CARDS as usize - 1]);
+        let mut model: HashMap<u8, i64> = opening[..CARDS as usize - 1].iter().copied().collect();
+        let mut model_world = 0_i64;
+        let mut keys_seen: HashMap<String, String> = HashMap::new();
+        let mut next_id = 1;
+        for round in 0..400 {
+            let size = 1 + rng.below(12) as usize;
+            let commands: Vec<(Command, Option<IdempotencyKey>)> = (0..size)
+                .map(|_| {
+                    let a = 1 + rng.below(u64::from(CARDS)) as u8;
+                    let b = 1 + rng.below(u64::from(CARDS)) as u8;
+                    let amount = 1 + rng.below(3_000) as i64;
+                    let command = match rng.below(10) {
+                        0 => open(a),
+                        1..=3 => deposit(a, if rng.below(2) == 0 { amount } else { -amount }),
+                        _ if a == b => deposit(a, amount),
+                        _ => transfer(a, b, amount),
+                    };
+                    let key = (rng.below(4) == 0)
+                        .then(|| IdempotencyKey::parse(format!("k{}", rng.below(40)).as_bytes()).unwrap());
+                    (command, key)
+                })
+                .collect();
+            ledger.store.fail_commits = rng.below(15) == 0;
+            ledger.store.conflicts = u32::from(rng.below(15) == 0);
+            let report = ledger.apply_batch(commands.iter().map(|(c, k)| (c, k.as_ref())), round);
+            if !report.commit_ok {
+                assert!(
+                    report.outcomes.iter().all(|o| *o == Outcome::StorageFailed),
+                    "seed {seed}"
+                );
+                continue;
+            }
+            // The model decides the same commands in order.
+            let mut batch_keys: HashMap<String, String> = HashMap::new();
+            for ((command, key), outcome) in commands.iter().zip(&report.outcomes) {
+                if let Some(key) = key {
+                    let scoped = format!("{} {}", command.scope(), key.as_str());
+                    if let Some(fingerprint) = keys_seen.get(&scoped).or(batch_keys.get(&scoped)) {
+                        if *fingerprint == command.fingerprint() {
+                            assert!(
+                                matches!(outcome, Outcome::Replayed(_)),
+                                "round {round}: {outcome:?}"
+                            );
+                        } else {
+                            assert_eq!(*outcome, Outcome::Refused(Refusal::IdempotencyKeyReused));
+                        }
+                        continue;
+                    }
+                    batch_keys.insert(scoped, command.fingerprint());
+                }
+                let expected_id = match command {
+                    Command::OpenAccount(open) => {
+                        let n: u8 = open.card.as_str().parse().unwrap();
+                        let exists = model.contains_key(&n);
+                        if !exists {
+                            model.insert(n, 0);
+                        }
+                        assert_eq!(
+                            matches!(outcome, Outcome::Opened { .. }),
+                            !exists,
+                            "round {round}"
+                        );
+                        None
+                    }
+                    Command::Transaction(tx) => {
+                        let n: u8 = tx.card.as_str().parse().unwrap();
+                        match model.get_mut(&n) {
+                            Some(balance) if *balance + tx.amount.minor_units() >= 0 => {
+                                *balance += tx.amount.minor_units();
+                                model_world -= tx.amount.minor_units();
+                                Some(*balance)
+                            }
+                            _ => None,
+                        }
+                    }
+                    Command::Transfer(t) => {
+                        let (s, d): (u8, u8) = (
+                            t.source.as_str().parse().unwrap(),
+                            t.destination.as_str().parse().unwrap(),
+                        );
+                        let amount = t.amount.minor_units();
+                        match (model.get(&s).copied(), model.get(&d).copied()) {
+                            (Some(sb), Some(_)) if sb >= amount => {
+                                *model.get_mut(&s).unwrap() -= amount;
+                                *model.get_mut(&d).unwrap() += amount;
+                                Some(model[&s])
+                            }
+                            _ => None,
+                        }
+                    }
+                };
+                match (expected_id, outcome) {
+                    (Some(balance), Outcome::Posted { id, balance: got, .. }) => {
+                        assert_eq!((*id, *got), (next_id, balance), "round {round}");
+                        next_id += 1;
+                    }
+                    (
+                        Some(balance),
+                        Outcome::Transferred {
+                            id, source_balance, ..
+                        },
+                    ) => {
+                        assert_eq!((*id, *source_balance), (next_id, balance), "round {round}");
+                        next_id += 1;
+                    }
+                    (None, Outcome::Refused(_) | Outcome::Opened { .. }) => {}
+                    (expected, got) => {
+                        panic!("round {round} (seed {seed}): model says {expected:?}, ledger {got:?}")
+                    }
+                }
+            }
+            keys_seen.extend(batch_keys);
+            for (n, balance) in &model {
+                assert_eq!(
+                    ledger.store.card_balance(&card(*n)),
+                    Some(*balance),
+                    "round {round}: card {n}"
+                );
+            }
+            assert_eq!(world(&ledger), model_world);
+            let total: i64 = ledger.store.balances.values().sum();
+            let opened_total: i64 = opening[..CARDS as usize - 1].iter().map(|(_, b)| b).sum();
+            assert_eq!(
+                total, opened_total,
+                "money is neither made nor lost (round {round})"
+            );
+            assert!(opening_total > opened_total);
+        }
+        for record in &ledger.store.transactions {
+            assert_eq!(record.legs[0].amount + record.legs[1].amount, 0);
+        }
+        assert!(next_id > 100, "the workload commits something ({next_id})");
+    }
+}

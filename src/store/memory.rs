@@ -16,8 +16,12 @@ pub struct MemoryStore {
     pub idempotency: HashMap<(String, String), (StoredAnswer, i64)>,
     /// While true, every commit fails and changes nothing.
     pub fail_commits: bool,
-    /// While above zero, that many commits are refused as if another writer had changed the data.
+    /// While above zero, that many commits are refused as if another writer had changed the data
+    /// between the ledger's check and its commit.
     pub conflicts: u32,
+    /// Set by a test that changes `balances` behind the ledger, as another writer would; cleared
+    /// when the ledger loads.
+    pub changed: bool,
 }
 
 impl MemoryStore {
@@ -40,6 +44,7 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     fn load(&mut self) -> Result<LedgerState, StoreError> {
+        self.changed = false;
         let mut state = LedgerState {
             next_transaction_id: self.transactions.last().map_or(1, |t| t.id + 1),
             ..LedgerState::default()
@@ -54,7 +59,7 @@ impl Store for MemoryStore {
     }
 
     fn changed_outside(&mut self) -> Result<bool, StoreError> {
-        Ok(false)
+        Ok(self.changed)
     }
 
     fn idempotent_answer(
