@@ -76,15 +76,24 @@ pub fn prepare(conn: &mut Connection, path: &Path, seed: Option<&Path>) -> Resul
                 })?,
                 None => super::BUILTIN_SEED.to_owned(),
             };
+            // A seed that brings its own tables is a version-1 seed: load it alone, then upgrade.
+            let own_schema = seed_sql.to_ascii_uppercase().contains("CREATE TABLE");
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute_batch(SCHEMA)?;
+            if !own_schema {
+                tx.execute_batch(SCHEMA)?;
+            }
             tx.execute_batch(&seed_sql).map_err(|error| {
+                let reason = error.to_string();
+                let reason = reason.lines().next().unwrap_or_default().to_owned();
                 StoreError::Unusable(format!(
-                    "the seed does not load into schema version {VERSION}: {error}"
+                    "the seed does not load into schema version {VERSION}: {reason}"
                 ))
             })?;
             tx.commit()?;
             tracing::info!(db = %db, "created a new database from the seed");
+            if own_schema {
+                return prepare(conn, path, None);
+            }
             Ok(())
         }
         Found::Version1 => upgrade_from_v1(conn, path),
@@ -129,4 +138,48 @@ fn list(tables: &[String]) -> String {
         text.push_str(&format!(" and {more} more"));
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tables(conn: &Connection) -> i64 {
+        conn.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_version_1_seed_makes_a_database_that_is_upgraded_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/users-v1.sql");
+        let mut conn = Connection::open(&path).unwrap();
+        prepare(&mut conn, &path, Some(&seed)).unwrap();
+        assert_eq!(inspect(&conn).unwrap(), Found::Current);
+        let cards: i64 = conn
+            .query_row("SELECT count(*) FROM accounts", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(cards, 100_001);
+    }
+
+    #[test]
+    fn newer_and_foreign_databases_are_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("other.db");
+        let mut conn = Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE users (card_number TEXT PRIMARY KEY, balance INTEGER);")
+            .unwrap();
+        let before = tables(&conn);
+        let error = prepare(&mut conn, &path, None).unwrap_err().to_string();
+        assert!(
+            error.contains("not a tallyd database") && error.contains("users"),
+            "{error}"
+        );
+        assert_eq!(tables(&conn), before);
+        conn.execute_batch("DROP TABLE users; PRAGMA user_version = 3; CREATE TABLE t (x);")
+            .unwrap();
+        let error = prepare(&mut conn, &path, None).unwrap_err().to_string();
+        assert!(error.contains("schema version 3"), "{error}");
+    }
 }
