@@ -59,7 +59,7 @@ pub fn metrics_handle() -> PrometheusHandle {
 pub fn describe(workers: usize, queue_capacity: usize) {
     describe_counter!(
         TRANSACTIONS_TOTAL,
-        "POST /transaction answers by kind and outcome"
+        "POST /transaction and POST /transfers answers by kind and outcome"
     );
     describe_histogram!(
         TRANSACTION_DURATION,
@@ -75,7 +75,7 @@ pub fn describe(workers: usize, queue_capacity: usize) {
     describe_gauge!(UPTIME, "Seconds since start");
     describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests by route and status");
     for outcome in OutcomeLabel::ALL {
-        for kind in ["deposit", "withdrawal", "unknown"] {
+        for kind in ["deposit", "withdrawal", "transfer", "unknown"] {
             counter!(TRANSACTIONS_TOTAL, "kind" => kind, "outcome" => outcome.as_str()).absolute(0);
         }
     }
