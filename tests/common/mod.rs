@@ -181,6 +181,8 @@ pub struct Reply {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub text: String,
+    /// The body exactly as it came off the wire (for byte-for-byte comparisons of replays).
+    pub body: Bytes,
 }
 
 impl Reply {
@@ -195,6 +197,28 @@ impl Reply {
             .unwrap_or_else(|| panic!("no error code in {}", self.text))
             .to_owned()
     }
+
+    /// A header's value as text, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+
+    /// Whether the server says this answer is a replay of an idempotent request's first answer.
+    pub fn replayed(&self) -> bool {
+        self.header("idempotent-replayed") == Some("true")
+    }
+
+    /// `body[field]` as an integer, panicking with the body when it is not one.
+    pub fn i64(&self, field: &str) -> i64 {
+        self.json()[field]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no integer {field} in {}", self.text))
+    }
+}
+
+/// The JSON body of `POST /transfers`.
+pub fn transfer_body(source: &str, destination: &str, amount: i64) -> String {
+    format!(r#"{{"source":"{source}","destination":"{destination}","amount":{amount}}}"#)
 }
 
 impl Client {
@@ -223,7 +247,46 @@ impl Client {
             status: parts.status,
             headers: parts.headers,
             text: String::from_utf8_lossy(&bytes).into_owned(),
+            body: bytes,
         })
+    }
+
+    /// A JSON `POST` with extra headers (an `Idempotency-Key`, say; a `content-type` given here
+    /// replaces the JSON one).
+    pub fn post_request(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+        let mut builder = Request::post(path).header("host", self.addr.to_string());
+        if !headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        {
+            builder = builder.header("content-type", "application/json");
+        }
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(Full::new(Bytes::from(body.to_owned()))).unwrap()
+    }
+
+    pub async fn post_with(&mut self, path: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
+        let request = self.post_request(path, body, headers);
+        self.request(request).await
+    }
+
+    /// `POST path` with `Idempotency-Key: key`.
+    pub async fn post_keyed(&mut self, path: &str, body: &str, key: &str) -> Reply {
+        self.post_with(path, body, &[("idempotency-key", key)]).await
+    }
+
+    pub async fn transfer(&mut self, source: &str, destination: &str, amount: i64) -> Reply {
+        self.post_json("/transfers", &transfer_body(source, destination, amount))
+            .await
+    }
+
+    /// `GET /accounts/{card}`'s balance, asserting a 200.
+    pub async fn account_balance(&mut self, card: &str) -> i64 {
+        let reply = self.get(&format!("/accounts/{card}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+        reply.i64("balance")
     }
 
     pub fn transaction_request(&self, card: &str, amount: i64) -> Request<Full<Bytes>> {
@@ -354,4 +417,75 @@ pub fn series_value(series: &[(String, f64)], metric: &str, labels: &[(&str, &st
         wanted.sort();
         (found == wanted).then_some(*value)
     })
+}
+
+/// xorshift64*: a tiny deterministic generator, seeded and printed so that a failure can be replayed.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// A new generator for a task, drawn from this one.
+    pub fn split(&mut self) -> Rng {
+        Rng(self.next() | 1)
+    }
+}
+
+/// The seed for a randomized test: `$var` if set, otherwise the clock; printed with how to replay it.
+pub fn test_seed(test: &str, var: &str) -> u64 {
+    let seed = std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("{test}: seed {seed} ({var}={seed} replays it)");
+    seed
+}
+
+/// Every account's current balance, `@world` included, read from the database.
+pub fn db_balances(db: &rusqlite::Connection) -> std::collections::BTreeMap<String, i64> {
+    db.prepare(
+        "SELECT a.name, coalesce((SELECT e.balance_after FROM entries e WHERE e.account = a.name \
+         ORDER BY e.transaction_id DESC LIMIT 1), a.opening_balance) FROM ledger_accounts a",
+    )
+    .unwrap()
+    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+/// The sum of every account's opening balance, and of every account's current balance, `@world`'s
+/// included: double entry keeps them equal.
+pub fn db_totals(db: &rusqlite::Connection) -> (i128, i128) {
+    let opening: i64 = db
+        .query_row(
+            "SELECT coalesce(sum(opening_balance), 0) FROM ledger_accounts",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let current: i128 = db_balances(db).values().map(|b| i128::from(*b)).sum();
+    (i128::from(opening), current)
+}
+
+/// How many transactions the database holds.
+pub fn db_transactions(db: &rusqlite::Connection) -> i64 {
+    db.query_row("SELECT count(*) FROM transactions", [], |r| r.get(0))
+        .unwrap()
 }
