@@ -21,6 +21,18 @@ pub enum Command {
     Serve(Config),
     /// Check every invariant of a database file and exit non-zero on any mismatch.
     Verify(VerifyArgs),
+    /// Make a new tallyd database from the Flask transaction processor's users.db.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The Flask processor's SQLite database (tables users and transactions); only read.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The tallyd database to create; it must not exist yet.
+    #[arg(long, env = "TALLYD_DB", default_value = "tallyd.db")]
+    pub db: PathBuf,
 }
 
 #[derive(Debug, Args)]

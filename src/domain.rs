@@ -64,14 +64,38 @@ impl Account {
 }
 
 /// A card number: 6 to 19 ASCII digits, kept as text so that leading zeros survive.
+///
+/// People write card numbers in groups, `6219 8619 0042 8640` or `6219-8619-0042-8640`, and so did
+/// the Flask processor tallyd replaces. [`CardNumber::parse`] accepts exactly that: groups of digits
+/// separated by single spaces, or by single dashes, never both in one number, with no separator at
+/// either end; any group sizes, 6 to 19 digits in all. It keeps only the digits, so a card is stored,
+/// compared and answered as digits however it was written.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CardNumber(String);
 
+/// Longest card number as written, separators included: 19 digits and 18 separators.
+pub const CARD_TEXT_BYTES_MAX: usize = 2 * CARD_DIGITS_MAX - 1;
+
 impl CardNumber {
     pub fn parse(text: &str) -> Result<Self, InvalidField> {
-        let length_ok = (CARD_DIGITS_MIN..=CARD_DIGITS_MAX).contains(&text.len());
-        if length_ok && text.bytes().all(|b| b.is_ascii_digit()) {
-            Ok(Self(text.to_owned()))
+        let bytes = text.as_bytes();
+        if bytes.len() > CARD_TEXT_BYTES_MAX {
+            return Err(InvalidField::CardNumber);
+        }
+        let separator = bytes.iter().copied().find(|b| !b.is_ascii_digit());
+        let well_formed = match separator {
+            None => true,
+            Some(sep @ (b' ' | b'-')) => {
+                bytes.first().is_some_and(u8::is_ascii_digit)
+                    && bytes.last().is_some_and(u8::is_ascii_digit)
+                    && bytes.iter().all(|b| b.is_ascii_digit() || *b == sep)
+                    && !bytes.windows(2).any(|pair| pair[0] == sep && pair[1] == sep)
+            }
+            Some(_) => false,
+        };
+        let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+        if well_formed && (CARD_DIGITS_MIN..=CARD_DIGITS_MAX).contains(&digits.len()) {
+            Ok(Self(digits))
         } else {
             Err(InvalidField::CardNumber)
         }
@@ -123,6 +147,9 @@ pub enum Kind {
     Withdrawal,
     /// From one card to another.
     Transfer,
+    /// Between a card and the outside world, made by `tallyd import` where an imported history does
+    /// not add up to the balance it was imported with.
+    Adjustment,
 }
 
 impl Kind {
@@ -131,6 +158,7 @@ impl Kind {
             Kind::Deposit => "deposit",
             Kind::Withdrawal => "withdrawal",
             Kind::Transfer => "transfer",
+            Kind::Adjustment => "adjustment",
         }
     }
 
@@ -139,6 +167,7 @@ impl Kind {
             "deposit" => Kind::Deposit,
             "withdrawal" => Kind::Withdrawal,
             "transfer" => Kind::Transfer,
+            "adjustment" => Kind::Adjustment,
             _ => return None,
         })
     }
@@ -279,12 +308,42 @@ mod tests {
             "12345678901234567890",
             "12345a",
             " 123456",
-            "123 456",
+            "123456 ",
+            "123  456",
+            "123--456",
+            "123 456-789",
             "١٢٣٤٥٦",
             "-123456",
+            "123456-",
+            "12 3",
+            "1234 5678 9012 3456 7890",
+            "123\t456",
+            "123_456",
         ] {
             assert_eq!(CardNumber::parse(bad), Err(InvalidField::CardNumber), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn grouped_card_numbers_are_normalised_to_their_digits() {
+        for (written, digits) in [
+            ("6219 8619 0042 8640", "6219861900428640"),
+            ("6219-8619-0042-8640", "6219861900428640"),
+            ("123 456", "123456"),
+            ("1-2-3-4-5-6", "123456"),
+            ("1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9", "1234567890123456789"),
+        ] {
+            assert_eq!(
+                CardNumber::parse(written).unwrap().as_str(),
+                digits,
+                "{written:?}"
+            );
+        }
+        assert_eq!(
+            CardNumber::parse("6219 8619 0042 8640"),
+            CardNumber::parse("6219861900428640"),
+            "one card however it is written"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(config) => tallyd::serve_until_signal(config),
         Command::Verify(args) => tallyd::verify::run(&args.db),
+        Command::Import(args) => tallyd::verify::import(&args.from, &args.db),
     };
     match result {
         Ok(code) => code,

@@ -1,4 +1,6 @@
-//! `tallyd verify --db PATH`: checks every invariant of a database file and says what it checked.
+//! The offline commands: `tallyd verify --db PATH` checks every invariant of a database file and
+//! says what it checked; `tallyd import --from FLASK.db --db NEW.db` makes a tallyd database from
+//! the Flask processor's, then verifies it.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -27,4 +29,25 @@ pub fn run(db: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+pub fn import(from: &Path, to: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let started = std::time::Instant::now();
+    let report = sqlite::import::import(from, to)?;
+    println!(
+        "imported {} into {} in {:.2} s: {} accounts, {} transactions ({} declined rows counted, not imported; {} skipped)",
+        from.display(),
+        to.display(),
+        started.elapsed().as_secs_f64(),
+        report.accounts,
+        report.transactions,
+        report.declined,
+        report.skipped
+    );
+    println!(
+        "{} accounts' histories did not add up to their balances: adjusted by {} minor units in all \
+         (kept the balance; one adjustment transaction each)",
+        report.adjusted_accounts, report.adjusted_total
+    );
+    run(to)
 }

@@ -97,10 +97,48 @@ pub fn idempotency_key(header: Option<&[u8]>) -> Result<Option<IdempotencyKey>, 
         .transpose()
 }
 
-/// A card number in a path or query string (no percent-decoding: a card number is digits only,
-/// so an escape can never spell a valid one).
-pub fn card_parameter(text: &str) -> Result<CardNumber, ApiError> {
-    CardNumber::parse(text).map_err(|error| ApiError::new(ErrorCode::InvalidCardNumber, error.to_string()))
+/// Where a parameter came from: a query string's values also spell a space as `+`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Path,
+    Query,
+}
+
+/// A card number in a path or query string, percent-decoded first (so `6219%208619%200042%208640`
+/// is the grouped card `6219 8619 0042 8640`).
+pub fn card_parameter(text: &str, part: Part) -> Result<CardNumber, ApiError> {
+    let invalid = || ApiError::new(ErrorCode::InvalidCardNumber, InvalidField::CardNumber.to_string());
+    let decoded = percent_decode(text, part).ok_or_else(invalid)?;
+    let text = std::str::from_utf8(&decoded).map_err(|_| invalid())?;
+    CardNumber::parse(text).map_err(|_| invalid())
+}
+
+/// `%XX` escapes (and, in a query, `+` as a space); `None` for a broken escape.
+pub fn percent_decode(text: &str, part: Part) -> Option<Vec<u8>> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 3;
+            }
+            b'+' if part == Part::Query => {
+                out.push(b' ');
+                i += 1;
+            }
+            byte => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    Some(out)
 }
 
 /// A positive 63-bit integer parameter (an id, a cursor, a time): digits only, no sign, no spaces.
@@ -317,8 +355,27 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert!(card_parameter("1234567890").is_ok());
-        assert!(card_parameter("%31234567890").is_err());
+        assert!(card_parameter("1234567890", Part::Path).is_ok());
+        let grouped = card_parameter("6219%208619%200042%208640", Part::Path).unwrap();
+        assert_eq!(grouped.as_str(), "6219861900428640");
+        assert_eq!(
+            card_parameter("6219+8619+0042+8640", Part::Query).unwrap(),
+            grouped
+        );
+        assert!(
+            card_parameter("6219+8619+0042+8640", Part::Path).is_err(),
+            "a plus is a plus in a path"
+        );
+        for bad in [
+            "%",
+            "%3",
+            "%zz1234567",
+            "%+31234567",
+            "123456%00",
+            "%2e%2e%2f123456",
+        ] {
+            assert!(card_parameter(bad, Part::Query).is_err(), "{bad:?}");
+        }
         assert_eq!(idempotency_key(None).unwrap(), None);
         assert!(idempotency_key(Some(b"")).is_err());
         assert!(idempotency_key(Some(b"abc")).unwrap().is_some());

@@ -320,7 +320,7 @@ async fn balance(app: &App, query: Option<&str>) -> HttpResponse {
     let result = async {
         let text = query_value(query, "card_number")
             .ok_or_else(|| ApiError::new(ErrorCode::MissingField, "give the card as ?card_number=..."))?;
-        let card = decode::card_parameter(text)?;
+        let card = decode::card_parameter(text, decode::Part::Query)?;
         let at = query_value(query, "at")
             .map(|at| decode::id_parameter("at", at))
             .transpose()?;
@@ -340,7 +340,7 @@ async fn balance(app: &App, query: Option<&str>) -> HttpResponse {
 /// `GET /accounts/{card}`.
 async fn account(app: &App, card: &str) -> HttpResponse {
     let result = async {
-        let card = decode::card_parameter(card)?;
+        let card = decode::card_parameter(card, decode::Part::Path)?;
         let lookup = card.clone();
         read(app, move |reader| reader.account(&lookup))
             .await?
@@ -354,7 +354,7 @@ async fn account(app: &App, card: &str) -> HttpResponse {
 /// `GET /accounts/{card}/entries?limit=20&starting_after=ID`: newest first.
 async fn entries(app: &App, card: &str, query: Option<&str>) -> HttpResponse {
     let result = async {
-        let card = decode::card_parameter(card)?;
+        let card = decode::card_parameter(card, decode::Part::Path)?;
         let limit = match query_value(query, "limit") {
             None => ENTRIES_LIMIT_DEFAULT,
             Some(text) => {
@@ -407,7 +407,7 @@ async fn transaction_by_key(app: &App, query: Option<&str>) -> HttpResponse {
         let text = query_value(query, "idempotency_key").ok_or_else(|| {
             ApiError::new(ErrorCode::MissingField, "give the key as ?idempotency_key=...")
         })?;
-        let bytes = percent_decode(text)
+        let bytes = decode::percent_decode(text, decode::Part::Query)
             .ok_or_else(|| ApiError::new(ErrorCode::InvalidIdempotencyKey, "the key is not percent-encoded properly"))?;
         let key = decode::idempotency_key(Some(&bytes))?.expect("a key was given");
         let lookup = key.clone();
@@ -423,34 +423,6 @@ async fn transaction_by_key(app: &App, query: Option<&str>) -> HttpResponse {
     }
     .await;
     result.unwrap_or_else(ApiError::into_response)
-}
-
-/// `%XX` escapes and `+` as a space; `None` for a broken escape.
-fn percent_decode(text: &str) -> Option<Vec<u8>> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                if !hex.iter().all(u8::is_ascii_hexdigit) {
-                    return None;
-                }
-                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            byte => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    Some(out)
 }
 
 fn metrics(app: &App) -> HttpResponse {

@@ -24,6 +24,7 @@
 //! balance is its last entry's `balance_after`, so a deposit dirties one page of its card and the
 //! end of the outside world's range, as version 1 dirtied one accounts page and the journal's end.
 
+pub mod import;
 mod reader;
 mod schema;
 mod verify;

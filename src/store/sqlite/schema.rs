@@ -10,7 +10,7 @@ use crate::store::StoreError;
 /// The schema this binary writes (`PRAGMA user_version`).
 pub const VERSION: i64 = 2;
 
-const SCHEMA: &str = include_str!("schema.sql");
+pub(super) const SCHEMA: &str = include_str!("schema.sql");
 const MIGRATE_V1_TO_V2: &str = include_str!("migrate_v1_to_v2.sql");
 
 /// The first step of the version-1 upgrade: move the old tables out of the new names' way.
@@ -102,7 +102,8 @@ pub fn prepare(conn: &mut Connection, path: &Path, seed: Option<&Path>) -> Resul
         ))),
         Found::Foreign(tables) => Err(StoreError::Unusable(format!(
             "{db} is not a tallyd database (it holds {}); tallyd will not write to it. \
-             Point --db at a new file",
+             If it is the Flask transaction processor's database, import it into a new file: \
+             tallyd import --from {db} --db tallyd.db",
             list(&tables)
         ))),
     }

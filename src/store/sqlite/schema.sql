@@ -23,7 +23,7 @@ VALUES ('@world', 0, CAST(unixepoch('subsec') * 1000 AS INTEGER));
 -- one writer and never reused.
 CREATE TABLE transactions (
     id              INTEGER NOT NULL PRIMARY KEY,
-    kind            TEXT    NOT NULL CHECK (kind IN ('deposit', 'withdrawal', 'transfer')),
+    kind            TEXT    NOT NULL CHECK (kind IN ('deposit', 'withdrawal', 'transfer', 'adjustment')),
     source          TEXT    NOT NULL,
     destination     TEXT    NOT NULL CHECK (destination <> source),
     amount          INTEGER NOT NULL CHECK (amount > 0 AND amount <= 1000000000000),

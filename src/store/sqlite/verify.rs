@@ -36,11 +36,12 @@ const INVARIANTS: &[(&str, &str)] = &[
              LEFT JOIN transactions t ON t.id = g.transaction_id WHERE g.legs <> 2 OR t.id IS NULL)",
     ),
     (
-        "a transaction's kind matches its accounts (deposits from @world, withdrawals to it, transfers between cards)",
+        "a transaction's kind matches its accounts (deposits from @world, withdrawals to it, transfers between cards, adjustments with @world)",
         "SELECT count(*) FROM transactions WHERE NOT ( \
            (kind = 'deposit' AND source = '@world' AND destination <> '@world') OR \
            (kind = 'withdrawal' AND destination = '@world' AND source <> '@world') OR \
-           (kind = 'transfer' AND source <> '@world' AND destination <> '@world'))",
+           (kind = 'transfer' AND source <> '@world' AND destination <> '@world') OR \
+           (kind = 'adjustment' AND (source = '@world') <> (destination = '@world')))",
     ),
     (
         "every entry names an existing account",
