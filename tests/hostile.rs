@@ -48,6 +48,9 @@ enum Expect {
     /// No response: the server closes the connection (a head that never completes, or bytes that
     /// are not HTTP/1).
     Closed,
+    /// A JSON success with this status: an escape that decodes to a valid request (a read, so
+    /// nothing moves).
+    Success(u16),
 }
 
 struct Case {
@@ -683,6 +686,342 @@ fn head_cases() -> Vec<Case> {
     ]
 }
 
+/// A `POST` of a JSON body to `path` with extra raw header lines.
+fn post_to(path: &str, lines: &[&[u8]], body: &[u8]) -> Vec<u8> {
+    let mut out =
+        format!("POST {path} HTTP/1.1\r\nhost: tallyd\r\ncontent-type: application/json\r\n").into_bytes();
+    for line in lines {
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+fn get(path: &str) -> Vec<u8> {
+    request("GET", path, &[], None)
+}
+
+/// The ledger's routes: path parameters too long, not digits, percent-encoded tricks; limits and
+/// cursors that are not what they must be; malformed idempotency keys and transfer bodies. Every
+/// one is refused (or, where an escape decodes to a valid card, read) and nothing moves.
+fn ledger_cases() -> Vec<Case> {
+    use Expect::{Json, Success};
+    let card = DEMO_CARD;
+    let entries = |query: &str| get(&format!("/accounts/{card}/entries?{query}"));
+    let transfer = |lines: &[&[u8]]| {
+        post_to(
+            "/transfers",
+            lines,
+            format!(r#"{{"source":"{card}","destination":"4000000000000001","amount":5}}"#).as_bytes(),
+        )
+    };
+    let long_key = format!("idempotency-key: {}", "k".repeat(256));
+    let long_lookup = format!("/transactions?idempotency_key={}", "k".repeat(256));
+    vec![
+        case("an account of 20 digits", get("/accounts/12345678901234567890"), Json(400, "invalid_card_number")),
+        case(
+            "an account of 10,000 digits",
+            get(&format!("/accounts/{}", "1".repeat(10_000))),
+            Json(400, "invalid_card_number"),
+        ),
+        case(
+            "an account of 60,000 letters",
+            get(&format!("/accounts/{}", "x".repeat(60_000))),
+            Json(400, "invalid_card_number"),
+        ),
+        case("an account of letters", get("/accounts/abcdefgh"), Json(400, "invalid_card_number")),
+        case("an account of 5 digits", get("/accounts/12345"), Json(400, "invalid_card_number")),
+        case("an account -1234567", get("/accounts/-1234567"), Json(400, "invalid_card_number")),
+        case("an account %2e%2e", get("/accounts/%2e%2e"), Json(400, "invalid_card_number")),
+        case(
+            "an account ..%2f..%2fetc%2fpasswd",
+            get("/accounts/..%2f..%2fetc%2fpasswd"),
+            Json(400, "invalid_card_number"),
+        ),
+        case("an account .. in the path", get("/accounts/../healthz"), Json(404, "not_found")),
+        case("an account with an encoded NUL", get("/accounts/1234567890%00"), Json(400, "invalid_card_number")),
+        case("an account with an encoded slash", get("/accounts/1234567890%2F"), Json(400, "invalid_card_number")),
+        case("an account with a broken escape", get("/accounts/1234567890%"), Json(400, "invalid_card_number")),
+        case("an account with a bad escape", get("/accounts/1234567890%g0"), Json(400, "invalid_card_number")),
+        case("an account with an escaped é", get("/accounts/1234567890%C3%A9"), Json(400, "invalid_card_number")),
+        case("an account with invalid escaped UTF-8", get("/accounts/123456%FF"), Json(400, "invalid_card_number")),
+        case("an account with a plus in the path", get("/accounts/1234+567890"), Json(400, "invalid_card_number")),
+        case(
+            "an account in escaped fullwidth digits",
+            get("/accounts/%EF%BC%91%EF%BC%92%EF%BC%93%EF%BC%94%EF%BC%95%EF%BC%96"),
+            Json(400, "invalid_card_number"),
+        ),
+        case("an unknown account", get("/accounts/9999999999"), Json(404, "card_not_found")),
+        case("an account %31234567890 (escaped digit, decoded)", get("/accounts/%31234567890"), Success(200)),
+        case("an account in groups, %20-escaped (decoded)", get("/accounts/1234%20567890"), Success(200)),
+        case("an account with a trailing slash", get(&format!("/accounts/{card}/")), Json(404, "not_found")),
+        case("an empty account", get("/accounts/"), Json(404, "not_found")),
+        case("entries of an empty account", get("/accounts//entries"), Json(404, "not_found")),
+        case("entries of letters", get("/accounts/abcdefgh/entries"), Json(400, "invalid_card_number")),
+        case(
+            "entries of 10,000 digits",
+            get(&format!("/accounts/{}/entries", "9".repeat(10_000))),
+            Json(400, "invalid_card_number"),
+        ),
+        case("entries with limit -1", entries("limit=-1"), Json(400, "invalid_parameter")),
+        case("entries with limit 0", entries("limit=0"), Json(400, "invalid_parameter")),
+        case("entries with limit 101", entries("limit=101"), Json(400, "invalid_parameter")),
+        case("entries with limit 2^64", entries("limit=18446744073709551616"), Json(400, "invalid_parameter")),
+        case(
+            "entries with a 1,000-digit limit",
+            entries(&format!("limit={}", "9".repeat(1000))),
+            Json(400, "invalid_parameter"),
+        ),
+        case("entries with limit 1e2", entries("limit=1e2"), Json(400, "invalid_parameter")),
+        case("entries with limit +5", entries("limit=+5"), Json(400, "invalid_parameter")),
+        case("entries with limit %35", entries("limit=%35"), Json(400, "invalid_parameter")),
+        case("entries with limit 5.0", entries("limit=5.0"), Json(400, "invalid_parameter")),
+        case("entries with an empty limit", entries("limit="), Json(400, "invalid_parameter")),
+        case("entries with limit 0x10", entries("limit=0x10"), Json(400, "invalid_parameter")),
+        case("entries with limit 100 (accepted)", entries("limit=100"), Success(200)),
+        case("entries with a cursor abc", entries("starting_after=abc"), Json(400, "invalid_parameter")),
+        case("entries with a cursor -1", entries("starting_after=-1"), Json(400, "invalid_parameter")),
+        case("entries with a cursor 0", entries("starting_after=0"), Json(400, "invalid_parameter")),
+        case("entries with a cursor 1.5", entries("starting_after=1.5"), Json(400, "invalid_parameter")),
+        case(
+            "entries with a cursor past i64",
+            entries("starting_after=9223372036854775808"),
+            Json(400, "invalid_parameter"),
+        ),
+        case("entries with a cursor %00", entries("starting_after=%00"), Json(400, "invalid_parameter")),
+        case("entries with an empty cursor", entries("starting_after="), Json(400, "invalid_parameter")),
+        case(
+            "entries with a cursor that names no transaction (accepted)",
+            entries("starting_after=9223372036854775807"),
+            Success(200),
+        ),
+        case("a transaction id abc", get("/transactions/abc"), Json(400, "invalid_parameter")),
+        case("a transaction id -1", get("/transactions/-1"), Json(400, "invalid_parameter")),
+        case("a transaction id 0", get("/transactions/0"), Json(400, "invalid_parameter")),
+        case("a transaction id %31", get("/transactions/%31"), Json(400, "invalid_parameter")),
+        case("a transaction id 1%00", get("/transactions/1%00"), Json(400, "invalid_parameter")),
+        case("a transaction id %2e%2e", get("/transactions/%2e%2e"), Json(400, "invalid_parameter")),
+        case(
+            "a transaction id past i64",
+            get("/transactions/9223372036854775808"),
+            Json(400, "invalid_parameter"),
+        ),
+        case(
+            "a transaction id of 10,000 digits",
+            get(&format!("/transactions/{}", "1".repeat(10_000))),
+            Json(400, "invalid_parameter"),
+        ),
+        case(
+            "an unknown transaction",
+            get("/transactions/9223372036854775807"),
+            Json(404, "transaction_not_found"),
+        ),
+        case("a transaction under a path", get("/transactions/1/legs"), Json(404, "not_found")),
+        case("a lookup without a key", get("/transactions"), Json(400, "missing_field")),
+        case(
+            "a lookup with an empty key",
+            get("/transactions?idempotency_key="),
+            Json(400, "invalid_idempotency_key"),
+        ),
+        case(
+            "a lookup with an escaped NUL",
+            get("/transactions?idempotency_key=a%00b"),
+            Json(400, "invalid_idempotency_key"),
+        ),
+        case(
+            "a lookup with an escaped 0xff",
+            get("/transactions?idempotency_key=%ff"),
+            Json(400, "invalid_idempotency_key"),
+        ),
+        case(
+            "a lookup with a broken escape",
+            get("/transactions?idempotency_key=%zz"),
+            Json(400, "invalid_idempotency_key"),
+        ),
+        case("a lookup with a 256-byte key", get(&long_lookup), Json(400, "invalid_idempotency_key")),
+        case(
+            "a lookup of an unused key",
+            get("/transactions?idempotency_key=nobody"),
+            Json(404, "transaction_not_found"),
+        ),
+        case(
+            "a balance at -1",
+            get(&format!("/balance?card_number={card}&at=-1")),
+            Json(400, "invalid_parameter"),
+        ),
+        case(
+            "a balance at abc",
+            get(&format!("/balance?card_number={card}&at=abc")),
+            Json(400, "invalid_parameter"),
+        ),
+        case(
+            "a balance at a time past i64",
+            get(&format!("/balance?card_number={card}&at=99999999999999999999")),
+            Json(400, "invalid_parameter"),
+        ),
+        case(
+            "a balance of an escaped card (decoded)",
+            get("/balance?card_number=%31234567890"),
+            Success(200),
+        ),
+        case("an empty idempotency key", transfer(&[b"idempotency-key: "]), Json(400, "invalid_idempotency_key")),
+        case(
+            "a 256-byte idempotency key",
+            transfer(&[long_key.as_bytes()]),
+            Json(400, "invalid_idempotency_key"),
+        ),
+        case(
+            "an idempotency key with DEL (hyper refuses the head)",
+            transfer(&[b"idempotency-key: a\x7fb"]),
+            Expect::Protocol(400),
+        ),
+        case(
+            "an idempotency key with 0xff",
+            transfer(&[b"idempotency-key: a\xffb"]),
+            Json(400, "invalid_idempotency_key"),
+        ),
+        case(
+            "an idempotency key with a tab",
+            transfer(&[b"idempotency-key: a\tb"]),
+            Json(400, "invalid_idempotency_key"),
+        ),
+        case(
+            "an idempotency key in UTF-8",
+            transfer(&["idempotency-key: clé".as_bytes()]),
+            Json(400, "invalid_idempotency_key"),
+        ),
+        case(
+            "an invalid key before a broken body",
+            post_to("/transfers", &[b"idempotency-key: "], b"{not json"),
+            Json(400, "invalid_idempotency_key"),
+        ),
+        case(
+            "an idempotency key on a refused body",
+            post_to("/transfers", &[b"idempotency-key: k-1"], b"{}"),
+            Json(400, "missing_field"),
+        ),
+        case(
+            "an invalid idempotency key on /accounts",
+            post_to("/accounts", &[b"idempotency-key: "], br#"{"card_number":"4111111111111111"}"#),
+            Json(400, "invalid_idempotency_key"),
+        ),
+        case(
+            "a transfer to the same card in two spellings",
+            post_to(
+                "/transfers",
+                &[],
+                br#"{"source":"1234567890","destination":"12345-67890","amount":5}"#,
+            ),
+            Json(400, "same_account"),
+        ),
+        case(
+            "a transfer to @world",
+            post_to("/transfers", &[], br#"{"source":"1234567890","destination":"@world","amount":5}"#),
+            Json(400, "invalid_card_number"),
+        ),
+        case(
+            "a transfer of -1e400",
+            post_to(
+                "/transfers",
+                &[],
+                br#"{"source":"1234567890","destination":"4000000000000001","amount":-1e400}"#,
+            ),
+            Json(400, "invalid_amount"),
+        ),
+        case(
+            "a transfer of i64::MIN",
+            post_to(
+                "/transfers",
+                &[],
+                br#"{"source":"1234567890","destination":"4000000000000001","amount":-9223372036854775808}"#,
+            ),
+            Json(400, "invalid_amount"),
+        ),
+        case(
+            "a transfer with a 10,000-deep reference",
+            post_to(
+                "/transfers",
+                &[],
+                format!(
+                    r#"{{"source":"1234567890","destination":"4000000000000001","amount":5,"reference":{}1{}}}"#,
+                    "[".repeat(10_000),
+                    "]".repeat(10_000)
+                )
+                .as_bytes(),
+            ),
+            Json(400, "invalid_reference"),
+        ),
+        case(
+            "a transfer with a lone surrogate in the reference",
+            post_to(
+                "/transfers",
+                &[],
+                br#"{"source":"1234567890","destination":"4000000000000001","amount":5,"reference":"\ud800"}"#,
+            ),
+            Json(400, "invalid_json"),
+        ),
+        case(
+            "a transfer with a 256-byte reference",
+            post_to(
+                "/transfers",
+                &[],
+                format!(
+                    r#"{{"source":"1234567890","destination":"4000000000000001","amount":5,"reference":"{}"}}"#,
+                    "r".repeat(256)
+                )
+                .as_bytes(),
+            ),
+            Json(400, "invalid_reference"),
+        ),
+        case(
+            "a transfer from a card that does not exist",
+            post_to(
+                "/transfers",
+                &[],
+                br#"{"source":"9999999999","destination":"1234567890","amount":5}"#,
+            ),
+            Json(404, "card_not_found"),
+        ),
+        case(
+            "a transfer larger than the balance",
+            post_to(
+                "/transfers",
+                &[],
+                br#"{"source":"1234567890","destination":"4000000000000001","amount":1000000000000}"#,
+            ),
+            Json(422, "insufficient_funds"),
+        ),
+        case(
+            "an account that exists",
+            post_to("/accounts", &[], br#"{"card_number":"1234567890"}"#),
+            Json(409, "account_exists"),
+        ),
+        case(
+            "an account with a balance",
+            post_to("/accounts", &[], br#"{"card_number":"4111111111111111","balance":100}"#),
+            Json(400, "unknown_field"),
+        ),
+        case(
+            "PUT /transfers",
+            request("PUT", "/transfers", &[], Some(b"{}")),
+            Json(405, "method_not_allowed"),
+        ),
+        case(
+            "DELETE an account",
+            request("DELETE", &format!("/accounts/{card}"), &[], None),
+            Json(405, "method_not_allowed"),
+        ),
+        case(
+            "POST to a statement",
+            request("POST", &format!("/accounts/{card}/entries"), &[], Some(b"{}")),
+            Json(405, "method_not_allowed"),
+        ),
+        case("GET /transfers", get("/transfers"), Json(405, "method_not_allowed")),
+    ]
+}
+
 fn slow_cases() -> Vec<Case> {
     use Expect::{Closed, JsonThenClose};
     vec![
@@ -757,6 +1096,12 @@ fn run_case(server: &Server, case: &Case) -> Result<(), String> {
             }
             closes(&mut conn)
         }
+        (Expect::Success(status), Answer::Response(r)) => {
+            if r.status != status || r.json().is_none() || r.error_code().is_some() {
+                return Err(format!("expected a JSON {status}, got {} {}", r.status, r.text()));
+            }
+            Ok(())
+        }
         (Expect::ProtocolOrReset(_) | Expect::Closed, Answer::Closed) => Ok(()),
         (_, Answer::Silent) => Err(format!(
             "no answer and no close within {CASE_WAIT:?} (sent whole: {sent})"
@@ -794,10 +1139,16 @@ fn demo_balance(server: &Server) -> i64 {
 #[test]
 fn every_malformed_request_gets_its_documented_answer_and_moves_nothing() {
     let server = hostile_server();
-    let cases: Vec<Case> = [body_cases(), size_cases(), head_cases(), slow_cases()]
-        .into_iter()
-        .flatten()
-        .collect();
+    let cases: Vec<Case> = [
+        body_cases(),
+        size_cases(),
+        head_cases(),
+        ledger_cases(),
+        slow_cases(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let started = Instant::now();
     let mut failures = Vec::new();
     for case in &cases {
