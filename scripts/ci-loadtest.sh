@@ -6,10 +6,13 @@
 # 2. The hot-card scenario (90 % of the traffic on 8 cards) the same way, without the reports.
 # 3. The overload scenario against tallyd with a tiny queue (--queue-depth 2 --batch-max 1): it must see
 #    503 queue_full with Retry-After and nothing unexpected, and again lose no committed transaction.
+# 4. The Flask processor's load test (scenario flask: cards `6219 8619 NNNN 8640`, amounts -5,000..5,000,
+#    /metrics and the live page) against a 10,000-card Flask users.db (loadtest/flask/make_users_db.py) moved over
+#    with `tallyd import`: the import must verify, every balance must be kept, goose must see no error.
 # After each, tallyd must stop gracefully (exit 0 on SIGTERM) and `tallyd verify` must pass.
 #
 # Environment: TALLYD_BIN (default target/release/tallyd, else target/debug/tallyd), MIX_SECS (5), HOT_SECS (3),
-# OVERLOAD_SECS (4), JOBS (2). Prints `N passed, M failed` as its last line; exits non-zero on any failure.
+# OVERLOAD_SECS (4), FLASK_SECS (4), JOBS (2). Prints `N passed, M failed` as its last line; exits non-zero on any failure.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +20,7 @@ cd "$ROOT"
 MIX_SECS="${MIX_SECS:-5}"
 HOT_SECS="${HOT_SECS:-3}"
 OVERLOAD_SECS="${OVERLOAD_SECS:-4}"
+FLASK_SECS="${FLASK_SECS:-4}"
 JOBS="${JOBS:-2}"
 
 if [[ -z "${TALLYD_BIN:-}" ]]; then
@@ -67,12 +71,9 @@ start_tallyd() {
     start_server "$WORK/$name.server.log" "$TALLYD_BIN" serve --listen 127.0.0.1:0 --db "$WORK/$name.db" "$@" || exit 1
 }
 
+# The committed transactions of a tallyd database (each has a row in `transactions`).
 journal_rows() {
-    if command -v sqlite3 >/dev/null; then
-        sqlite3 "$1" 'SELECT count(*) FROM journal;'
-    else
-        python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("SELECT count(*) FROM journal").fetchone()[0])' "$1"
-    fi
+    python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("SELECT count(*) FROM transactions").fetchone()[0])' "$1"
 }
 
 # summary_field LOG NAME: a field of the loadtest's closing `tallyd-loadtest: committed=N ...` line.
@@ -94,12 +95,13 @@ run_loadtest() {
     return "$code"
 }
 
-# A committed transaction must be in the journal: at least as many rows as 200s, and some of them.
+# A committed transaction must be in the database: at least as many new transactions as 200s (BEFORE: how
+# many it held when the load began), and some of them.
 all_committed_in_journal() {
-    local log="$1" db="$2" committed rows
+    local log="$1" db="$2" before="${3:-0}" committed rows
     committed="$(summary_field "$log" committed)"
-    rows="$(journal_rows "$db")"
-    echo "  committed (200) = ${committed:-?}, journal rows = $rows"
+    rows=$(($(journal_rows "$db") - before))
+    echo "  committed (200) = ${committed:-?}, transactions added = $rows"
     [[ -n "$committed" && "$committed" -gt 0 && "$rows" -ge "$committed" ]]
 }
 
@@ -142,6 +144,32 @@ stop_server
 check "overload: tallyd exited 0 on SIGTERM" graceful_exit overload
 check "overload: every 200 is in the journal" all_committed_in_journal "$WORK/overload.loadtest.log" "$WORK/overload.db"
 check "overload: tallyd verify passes" verify_db "$WORK/overload.db"
+
+# --- 4: the Flask processor's load test against its imported database ---------------------------------------
+echo "ci-loadtest: flask for ${FLASK_SECS}s against an imported 10,000-card Flask users.db"
+python3 loadtest/flask/make_users_db.py "$WORK/flask-users.db" --cards 10000
+check "flask: tallyd import succeeds and its database verifies" \
+    "$TALLYD_BIN" import --from "$WORK/flask-users.db" --db "$WORK/flask.db"
+flask_balances_kept() {
+    python3 - "$WORK/flask-users.db" "$WORK/flask.db" <<'PY'
+import sqlite3, sys
+flask = {card.replace(" ", ""): balance for card, balance in sqlite3.connect(sys.argv[1]).execute("SELECT card_number, balance FROM users")}
+tallyd = dict(sqlite3.connect(sys.argv[2]).execute("SELECT card_number, balance FROM accounts"))
+print(f"  {len(flask)} Flask accounts, {len(tallyd)} tallyd accounts")
+sys.exit(0 if flask == tallyd else 1)
+PY
+}
+check "flask: every account and balance is kept exactly" flask_balances_kept
+flask_before="$(journal_rows "$WORK/flask.db")"
+start_server "$WORK/flask.server.log" "$TALLYD_BIN" serve --listen 127.0.0.1:0 --db "$WORK/flask.db" || exit 1
+check "flask: goose saw no error with the old card format (threshold error-rate<=0)" run_loadtest flask \
+    --scenarios flask --users 16 --increase-rate 16 --run-time "${FLASK_SECS}s" --no-reset-metrics \
+    --threshold 'error-rate<=0' --report-file "$WORK/flask.json"
+check "flask: no unexpected answer to POST /transaction" field_is "$WORK/flask.loadtest.log" unexpected = 0
+stop_server
+check "flask: tallyd exited 0 on SIGTERM" graceful_exit flask
+check "flask: every 200 is in the database" all_committed_in_journal "$WORK/flask.loadtest.log" "$WORK/flask.db" "$flask_before"
+check "flask: tallyd verify passes" verify_db "$WORK/flask.db"
 
 echo "$PASSED passed, $FAILED failed"
 [[ "$FAILED" == 0 ]]

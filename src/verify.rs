@@ -45,6 +45,10 @@ pub fn import(from: &Path, to: &Path) -> Result<ExitCode, Box<dyn std::error::Er
         report.skipped
     );
     println!(
+        "each account opens with its balance less its imported history: {} minor units in all",
+        report.opening_total
+    );
+    println!(
         "{} accounts' histories did not add up to their balances: adjusted by {} minor units in all \
          (kept the balance; one adjustment transaction each)",
         report.adjusted_accounts, report.adjusted_total

@@ -16,6 +16,13 @@ const AMOUNT_MAX: i64 = 5_000;
 /// The share of transactions, in percent, that are deposits; above 50 so that hot cards drift up, not to zero.
 const DEPOSIT_PERCENT: u32 = 55;
 
+/// How many cards a database imported from the Flask processor holds (`6219 8619 0000 8640` ..);
+/// `TALLYD_LOADTEST_FLASK_CARDS` changes it.
+const FLASK_CARDS_DEFAULT: u64 = 10_000;
+
+/// The Flask load test's amounts: -5,000 to 5,000 minor units (tallyd refuses 0, so it is not sent).
+const FLASK_AMOUNT_MAX: i64 = 5_000;
+
 /// The number of seeded cards to draw from.
 pub fn seeded_cards() -> u64 {
     std::env::var("TALLYD_LOADTEST_CARDS")
@@ -44,6 +51,34 @@ pub fn hot_or_random_card() -> String {
     }
 }
 
+/// A card of an imported Flask database as the Flask load test wrote it, `6219 8619 NNNN 8640`, and
+/// the digits tallyd stores and answers for it.
+pub fn random_flask_card() -> (String, String) {
+    let cards = std::env::var("TALLYD_LOADTEST_FLASK_CARDS")
+        .ok()
+        .and_then(|value| value.parse::<u64>().ok())
+        .filter(|&count| (1..=10_000).contains(&count))
+        .unwrap_or(FLASK_CARDS_DEFAULT);
+    flask_card(rand::random_range(0..cards))
+}
+
+/// The Flask card `n` (0-based), written with spaces, and its digits.
+pub fn flask_card(n: u64) -> (String, String) {
+    let written = format!("6219 8619 {n:04} 8640");
+    let digits = written.replace(' ', "");
+    (written, digits)
+}
+
+/// The Flask load test's amount: uniform in -5,000..=5,000 without 0.
+pub fn flask_amount() -> i64 {
+    loop {
+        let amount = rand::random_range(-FLASK_AMOUNT_MAX..=FLASK_AMOUNT_MAX);
+        if amount != 0 {
+            return amount;
+        }
+    }
+}
+
 /// A signed, non-zero amount: a deposit (positive) or a withdrawal (negative).
 pub fn random_amount() -> i64 {
     let magnitude = rand::random_range(1..=AMOUNT_MAX);
@@ -62,6 +97,14 @@ mod tests {
     fn card_numbers_match_the_seed() {
         assert_eq!(card(1), "4000000000000001");
         assert_eq!(card(100_000), "4000000000100000");
+    }
+
+    #[test]
+    fn flask_cards_are_written_in_groups_and_answered_as_digits() {
+        assert_eq!(
+            flask_card(42),
+            ("6219 8619 0042 8640".to_owned(), "6219861900428640".to_owned())
+        );
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! - `mix` (the default): `POST /transaction` 10 : `GET /balance` 2 : `GET /metrics` 1, random seeded cards,
 //!   deposits and withdrawals. Every answer must be one the contract allows for a valid request.
 //! - `hotcard`: the same kind of traffic with most transactions on a handful of cards.
+//! - `flask`: the Flask processor's Locust file against a database imported from it (`tallyd import`): its card
+//!   format `6219 8619 NNNN 8640`, amounts -5,000 to 5,000, `GET /metrics` and `GET /`.
 //! - `overload`: transactions as fast as the users can send them; meant for a server started with a tiny
 //!   `--queue-depth`. `503 queue_full` (with `Retry-After`) counts as an expected answer, and the run fails if
 //!   it never saw one.
@@ -52,6 +54,7 @@ async fn run() -> Result<ExitCode, GooseError> {
         .register_scenario(scenarios::mix()?)
         .register_scenario(scenarios::hot_card()?)
         .register_scenario(scenarios::overload()?)
+        .register_scenario(scenarios::flask()?)
         .set_default(GooseDefault::Host, "http://127.0.0.1:8080")?
         .set_default(GooseDefault::Scenarios, "mix")?
         .set_default(GooseDefault::Users, 32)?

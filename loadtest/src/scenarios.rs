@@ -44,6 +44,19 @@ pub fn hot_card() -> Result<Scenario, GooseError> {
         .register_transaction(transaction!(hot_balance).set_name("balance").set_weight(2)?))
 }
 
+/// The Flask processor's Locust file against a database imported from it: `POST /transaction` with its
+/// card format (`6219 8619 NNNN 8640`) and amounts (-5,000 to 5,000), `GET /metrics` and `GET /`.
+pub fn flask() -> Result<Scenario, GooseError> {
+    Ok(scenario!("flask")
+        .register_transaction(
+            transaction!(flask_transaction)
+                .set_name("transaction")
+                .set_weight(10)?,
+        )
+        .register_transaction(transaction!(scrape_metrics).set_name("metrics").set_weight(1)?)
+        .register_transaction(transaction!(live_page).set_name("live page").set_weight(1)?))
+}
+
 /// Transactions only, as fast as every user can send them, where `503 queue_full` is expected.
 pub fn overload() -> Result<Scenario, GooseError> {
     Ok(
@@ -58,6 +71,33 @@ async fn mix_transaction(user: &mut GooseUser) -> TransactionResult {
 
 async fn hot_transaction(user: &mut GooseUser) -> TransactionResult {
     post_transaction(user, cards::hot_or_random_card(), Backpressure::Unexpected).await
+}
+
+async fn flask_transaction(user: &mut GooseUser) -> TransactionResult {
+    let (written, digits) = cards::random_flask_card();
+    send_transaction(
+        user,
+        written,
+        digits,
+        cards::flask_amount(),
+        Backpressure::Unexpected,
+    )
+    .await
+}
+
+/// The live page, which the Flask load test also fetched.
+async fn live_page(user: &mut GooseUser) -> TransactionResult {
+    let response = user.get("/").await?;
+    let (mut request, reply) = read_reply(response).await;
+    match reply {
+        Some(reply) if reply.status == 200 && !reply.body.contains("<html") => user.set_failure(
+            "GET / is not the live page",
+            &mut request,
+            None,
+            Some(&reply.body),
+        ),
+        _ => Ok(()),
+    }
 }
 
 async fn overload_transaction(user: &mut GooseUser) -> TransactionResult {
@@ -109,8 +149,19 @@ async fn post_transaction(
     card_number: String,
     backpressure: Backpressure,
 ) -> TransactionResult {
-    let amount = cards::random_amount();
-    let sent = json!({ "card_number": card_number, "amount": amount });
+    let digits = card_number.clone();
+    send_transaction(user, card_number, digits, cards::random_amount(), backpressure).await
+}
+
+/// Sends one transaction for the card as written; a 200 must answer the card as `digits`.
+async fn send_transaction(
+    user: &mut GooseUser,
+    written: String,
+    card_number: String,
+    amount: i64,
+    backpressure: Backpressure,
+) -> TransactionResult {
+    let sent = json!({ "card_number": written, "amount": amount });
     let response = user.post_json("/transaction", &sent).await?;
     let (mut request, reply) = read_reply(response).await;
     let Some(reply) = reply else {

@@ -43,7 +43,10 @@ pub struct ImportReport {
     /// Successful rows that moved nothing tallyd can hold (amount zero or beyond the limit, a card
     /// with no `users` row): counted, not imported.
     pub skipped: u64,
-    /// Accounts whose history did not add up to their balance.
+    /// Sum of the opening balances: what the balances were before the imported history, by the
+    /// history's own account (`balance - sum(history)`, raised where needed).
+    pub opening_total: i128,
+    /// Accounts whose history could not be replayed from any non-negative opening balance.
     pub adjusted_accounts: u64,
     /// Sum of the adjustments' absolute amounts, minor units.
     pub adjusted_total: i128,
@@ -276,6 +279,7 @@ fn write(
     report: &mut ImportReport,
 ) -> Result<(), StoreError> {
     let openings = openings(balances, history)?;
+    report.opening_total = openings.iter().map(|(opening, _)| i128::from(*opening)).sum();
     let mut conn = Connection::open(path)?;
     conn.pragma_update(None, "page_size", 1024)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;

@@ -33,7 +33,7 @@ const V1_BROKEN_ROWS: &str = "SELECT \
 /// What a file holds.
 #[derive(Debug, PartialEq, Eq)]
 enum Found {
-    /// No tables: a new or empty file.
+    /// No tables and no schema version: a new or empty file.
     Empty,
     /// A database of the releases before the double-entry ledger.
     Version1,
@@ -51,10 +51,10 @@ fn inspect(conn: &Connection) -> Result<Found, StoreError> {
     )?;
     let names: Vec<String> = stmt.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
     let has = |wanted: &[&str]| wanted.iter().all(|name| names.iter().any(|n| n == name));
-    Ok(if names.is_empty() {
-        Found::Empty
-    } else if version > VERSION {
+    Ok(if version > VERSION {
         Found::Newer(version)
+    } else if names.is_empty() && version == 0 {
+        Found::Empty
     } else if version == VERSION && has(&["ledger_accounts", "transactions", "entries", "idempotency_keys"]) {
         Found::Current
     } else if version == 1 && has(&["accounts", "journal"]) {
@@ -134,6 +134,9 @@ fn list(tables: &[String]) -> String {
     const SHOWN_MAX: usize = 8;
     let shown: Vec<&str> = tables.iter().take(SHOWN_MAX).map(String::as_str).collect();
     let more = tables.len().saturating_sub(SHOWN_MAX);
+    if tables.is_empty() {
+        return "no tables, but a schema version another program set".to_owned();
+    }
     let mut text = format!("tables {}", shown.join(", "));
     if more > 0 {
         text.push_str(&format!(" and {more} more"));
