@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# Fuzzes the request decoder for a bounded time: libFuzzer (cargo fuzz) drives
-# `tallyd::http::decode::transaction` through the target fuzz/fuzz_targets/decode_transaction.rs,
-# which checks every answer against a model of the rules (fuzz/src/lib.rs). See docs/fuzzing.md.
+# Fuzzes the request decoders for a bounded time: libFuzzer (cargo fuzz) drives two targets, each
+# checking every answer against a model of the rules (fuzz/src/lib.rs). See docs/fuzzing.md.
+#   decode_transaction: `tallyd::http::decode::transaction` (POST /transaction bodies);
+#   decode_ledger: `decode::transfer`, `decode::open_account`, `decode::idempotency_key` and the path
+#   and query parameters (the first input byte picks one).
 #
 # Installs cargo-fuzz if missing. Only stable Rust exists here, so RUSTC_BOOTSTRAP=1 lets it pass
 # the nightly-only flags (-Zsanitizer=address and friends) that cargo fuzz needs.
-# The run starts from a temporary copy of the repo's corpus and regression inputs, so the clone
-# stays clean; fuzz/artifacts/ (ignored by git) receives any crashing input.
+# Each run starts from a temporary copy of the repo's corpus and regression inputs for its target,
+# so the clone stays clean; fuzz/artifacts/<target>/ (ignored by git) receives any crashing input.
 #
-# FUZZ_SECONDS (default 60) bounds the fuzzing itself; FUZZ_KEEP_CORPUS=DIR keeps the grown corpus.
+# FUZZ_SECONDS (default 60) bounds the fuzzing of each target; FUZZ_TARGETS (default both) picks
+# targets; FUZZ_KEEP_CORPUS=DIR keeps the grown corpora, in DIR/<target>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
-TARGET=decode_transaction
+FUZZ_TARGETS="${FUZZ_TARGETS:-decode_transaction decode_ledger}"
 # The fuzzing run may take this much longer than FUZZ_SECONDS (loading the corpus, final merge)
 # before it is killed as hung.
 RUN_GRACE_SECONDS=120
@@ -22,9 +25,13 @@ RUN_GRACE_SECONDS=120
 INPUT_SECONDS_MAX=10
 export RUSTC_BOOTSTRAP=1 CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}" CARGO_TERM_COLOR=never
 
+targets=0
+for target in $FUZZ_TARGETS; do targets=$((targets + 1)); done
+passed=0
+
 failed() {
   echo "ci-fuzz: $*" >&2
-  echo "fuzz: 0 passed, 1 failed"
+  echo "fuzz: $passed passed, 1 failed"
   exit 1
 }
 
@@ -36,44 +43,59 @@ cargo fuzz --version
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-corpus="$work/corpus"
-mkdir -p "$corpus"
-cp fuzz/corpus/$TARGET/* "$corpus/"
-find fuzz/regressions -type f ! -name '*.md' -exec cp {} "$corpus/" \;
-corpus_before=$(find "$corpus" -type f | wc -l)
 
-echo "ci-fuzz: building $TARGET"
-cargo fuzz build --fuzz-dir fuzz "$TARGET"
+# Regression inputs of decode_transaction sit at the top of fuzz/regressions/, those of another
+# target in fuzz/regressions/<target>/.
+regressions_of() {
+  if [ "$1" = decode_transaction ]; then
+    find fuzz/regressions -maxdepth 1 -type f ! -name '*.md'
+  else
+    find "fuzz/regressions/$1" -type f ! -name '*.md' 2>/dev/null || true
+  fi
+}
 
-echo "ci-fuzz: fuzzing $TARGET for ${FUZZ_SECONDS}s from $corpus_before inputs"
-log="$work/libfuzzer.log"
-started=$SECONDS
-status=0
-timeout --signal=KILL $((FUZZ_SECONDS + RUN_GRACE_SECONDS)) \
-  cargo fuzz run --fuzz-dir fuzz "$TARGET" "$corpus" -- \
-  -dict=fuzz/decode.dict \
-  -max_total_time="$FUZZ_SECONDS" \
-  -timeout="$INPUT_SECONDS_MAX" \
-  -print_final_stats=1 \
-  >"$log" 2>&1 || status=$?
-elapsed=$((SECONDS - started))
+for target in $FUZZ_TARGETS; do
+  corpus="$work/corpus/$target"
+  mkdir -p "$corpus"
+  cp fuzz/corpus/$target/* "$corpus/"
+  regressions_of "$target" | while read -r file; do cp "$file" "$corpus/"; done
+  corpus_before=$(find "$corpus" -type f | wc -l)
 
-if [ "$status" -ne 0 ]; then
-  tail -n 80 "$log"
-  failed "libFuzzer exited with $status after ${elapsed}s: a crash, a broken property or a hang (input in fuzz/artifacts/$TARGET/)"
-fi
-if [ -n "$(ls -A "fuzz/artifacts/$TARGET" 2>/dev/null)" ]; then
-  ls -l "fuzz/artifacts/$TARGET"
-  failed "fuzz/artifacts/$TARGET/ holds crashing inputs"
-fi
+  echo "ci-fuzz: building $target"
+  cargo fuzz build --fuzz-dir fuzz "$target"
 
-grep -E '^#[0-9]+[[:space:]]+(INITED|DONE)|^stat::' "$log" || true
-executions=$(sed -n 's/^stat::number_of_executed_units:[[:space:]]*//p' "$log")
-[ -n "$executions" ] || failed "libFuzzer printed no final stats"
-corpus_after=$(find "$corpus" -type f | wc -l)
-if [ -n "${FUZZ_KEEP_CORPUS:-}" ]; then
-  mkdir -p "$FUZZ_KEEP_CORPUS"
-  cp "$corpus"/* "$FUZZ_KEEP_CORPUS/"
-fi
-echo "ci-fuzz: $TARGET ran $executions inputs in ${elapsed}s, corpus $corpus_before -> $corpus_after files, no crash"
-echo "fuzz: 1 passed, 0 failed"
+  echo "ci-fuzz: fuzzing $target for ${FUZZ_SECONDS}s from $corpus_before inputs"
+  log="$work/$target.log"
+  started=$SECONDS
+  status=0
+  timeout --signal=KILL $((FUZZ_SECONDS + RUN_GRACE_SECONDS)) \
+    cargo fuzz run --fuzz-dir fuzz "$target" "$corpus" -- \
+    -dict=fuzz/decode.dict \
+    -max_total_time="$FUZZ_SECONDS" \
+    -timeout="$INPUT_SECONDS_MAX" \
+    -print_final_stats=1 \
+    >"$log" 2>&1 || status=$?
+  elapsed=$((SECONDS - started))
+
+  if [ "$status" -ne 0 ]; then
+    tail -n 80 "$log"
+    failed "$target: libFuzzer exited with $status after ${elapsed}s: a crash, a broken property or a hang (input in fuzz/artifacts/$target/)"
+  fi
+  if [ -n "$(ls -A "fuzz/artifacts/$target" 2>/dev/null)" ]; then
+    ls -l "fuzz/artifacts/$target"
+    failed "fuzz/artifacts/$target/ holds crashing inputs"
+  fi
+
+  grep -E '^#[0-9]+[[:space:]]+(INITED|DONE)|^stat::' "$log" || true
+  executions=$(sed -n 's/^stat::number_of_executed_units:[[:space:]]*//p' "$log")
+  [ -n "$executions" ] || failed "$target: libFuzzer printed no final stats"
+  corpus_after=$(find "$corpus" -type f | wc -l)
+  if [ -n "${FUZZ_KEEP_CORPUS:-}" ]; then
+    mkdir -p "$FUZZ_KEEP_CORPUS/$target"
+    cp "$corpus"/* "$FUZZ_KEEP_CORPUS/$target/"
+  fi
+  echo "ci-fuzz: $target ran $executions inputs in ${elapsed}s, corpus $corpus_before -> $corpus_after files, no crash"
+  passed=$((passed + 1))
+done
+echo "fuzz: $passed passed, 0 failed"
+[ "$passed" -eq "$targets" ]

@@ -1,7 +1,9 @@
-//! Replays every input the fuzzer keeps through `http::decode::transaction` under plain
-//! `cargo test`, so the properties the fuzzer checks hold on every build without libFuzzer:
+//! Replays every input the fuzzers keep under plain `cargo test`, so the properties they check hold
+//! on every build without libFuzzer: through `http::decode::transaction`,
 //! `fuzz/corpus/decode_transaction/` (hand-made seeds and what the fuzzer kept) and
-//! `fuzz/regressions/` (inputs that once broke a property, named after what they were).
+//! `fuzz/regressions/` (inputs that once broke a property, named after what they were); through
+//! the ledger's decoders (transfer and account bodies, the `Idempotency-Key`, path and query
+//! parameters), `fuzz/corpus/decode_ledger/` and `fuzz/regressions/decode_ledger/`.
 //! The checks are the fuzz target's own, `fuzz/src/lib.rs`, compiled in here as a module.
 
 #[path = "../fuzz/src/lib.rs"]
@@ -15,7 +17,7 @@ const CORPUS_FILES_MIN: usize = 20;
 
 #[test]
 fn every_corpus_input_keeps_the_decoders_properties() {
-    let replayed = replay("fuzz/corpus/decode_transaction");
+    let replayed = replay("fuzz/corpus/decode_transaction", check::check);
     assert!(
         replayed >= CORPUS_FILES_MIN,
         "only {replayed} corpus inputs; expected at least {CORPUS_FILES_MIN}"
@@ -24,7 +26,70 @@ fn every_corpus_input_keeps_the_decoders_properties() {
 
 #[test]
 fn every_regression_input_keeps_the_decoders_properties() {
-    replay("fuzz/regressions");
+    replay("fuzz/regressions", check::check);
+}
+
+#[test]
+fn every_ledger_corpus_input_keeps_the_decoders_properties() {
+    let replayed = replay("fuzz/corpus/decode_ledger", check::check_ledger);
+    assert!(
+        replayed >= CORPUS_FILES_MIN,
+        "only {replayed} ledger corpus inputs; expected at least {CORPUS_FILES_MIN}"
+    );
+}
+
+#[test]
+fn every_ledger_regression_input_keeps_the_decoders_properties() {
+    replay("fuzz/regressions/decode_ledger", check::check_ledger);
+}
+
+#[test]
+fn the_transfer_model_knows_each_documented_code() {
+    use check::ExpectedTransfer::{Accept, Malformed, Refuse};
+    let cases: Vec<(&str, check::ExpectedTransfer)> = vec![
+        (r#"{"source":"111111","destination":"222222""#, Malformed),
+        ("[]", Refuse("invalid_json")),
+        (r#"{"source":"111111","amount":5}"#, Refuse("missing_field")),
+        (r#"{"source":"111111","x":1}"#, Refuse("unknown_field")),
+        (r#"{"amount":5,"amount":5}"#, Refuse("duplicate_field")),
+        (
+            r#"{"source":"11111","destination":"222222","amount":5}"#,
+            Refuse("invalid_card_number"),
+        ),
+        (
+            r#"{"source":"111111","destination":"222222","amount":0}"#,
+            Refuse("invalid_amount"),
+        ),
+        (
+            r#"{"source":"111111","destination":"222222","amount":5,"reference":true}"#,
+            Refuse("invalid_reference"),
+        ),
+        (
+            r#"{"source":"111111","destination":"222222","amount":5,"reference":"\ud800"}"#,
+            Refuse("invalid_json"),
+        ),
+        (
+            r#"{"source":"111111","destination":"111-111","amount":5}"#,
+            Refuse("same_account"),
+        ),
+        (
+            r#"{"source":"111 111","destination":"222-222","amount":5,"reference":null}"#,
+            Accept {
+                source: "111111".to_owned(),
+                destination: "222222".to_owned(),
+                amount: 5,
+                reference: None,
+            },
+        ),
+    ];
+    for (body, expected) in cases {
+        assert_eq!(check::model_transfer(body.as_bytes()), expected, "{body}");
+        check::check_transfer(body.as_bytes());
+    }
+    assert_eq!(check::TRANSFER_CODES.len(), 8);
+    for key in [&b"k"[..], b"", &[b'k'; 256], b"a\x7fb"] {
+        check::check_idempotency_key(key);
+    }
 }
 
 #[test]
@@ -81,7 +146,7 @@ fn the_model_knows_each_documented_code() {
 
 /// Runs the checks over every file in `dir` (relative to the crate), names every file that broke
 /// a property, and returns how many files it read.
-fn replay(dir: &str) -> usize {
+fn replay(dir: &str, check: fn(&[u8])) -> usize {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|error| panic!("reading {}: {error}", dir.display()))
@@ -93,7 +158,7 @@ fn replay(dir: &str) -> usize {
         .iter()
         .filter(|path| {
             let body = std::fs::read(path).expect("a readable corpus file");
-            panic::catch_unwind(|| check::check(&body)).is_err()
+            panic::catch_unwind(|| check(&body)).is_err()
         })
         .map(|path| path.display().to_string())
         .collect();

@@ -12,7 +12,7 @@
 //! purpose rather than taken from `tallyd::domain`, so that a change to those constants is noticed.
 
 use serde_json::Value;
-use tallyd::domain::{Amount, CardNumber, Kind, TransactionRequest};
+use tallyd::domain::{Amount, CardNumber, Command, Kind, PositiveAmount, Reference, TransactionRequest};
 use tallyd::http::decode;
 use tallyd::http::ApiError;
 
@@ -145,11 +145,12 @@ fn check_refused(body: &[u8], error: &ApiError) {
 fn check_domain(body: &[u8]) {
     if let Ok(text) = std::str::from_utf8(body) {
         match CardNumber::parse(text) {
-            Ok(card) => {
-                assert!(card_is_valid(text), "CardNumber::parse accepted {text:?}");
-                assert_eq!(card.as_str(), text, "CardNumber::parse changed {text:?}");
-            }
-            Err(_) => assert!(!card_is_valid(text), "CardNumber::parse refused {text:?}"),
+            Ok(card) => assert_eq!(
+                Some(card.as_str()),
+                card_digits(text).as_deref(),
+                "CardNumber::parse accepted {text:?}"
+            ),
+            Err(_) => assert_eq!(card_digits(text), None, "CardNumber::parse refused {text:?}"),
         }
         if let Ok(amount) = text.trim().parse::<i64>() {
             check_amount(amount);
@@ -172,17 +173,7 @@ fn check_amount(amount: i64) {
 
 /// The rules applied by hand to the body read with this file's own JSON reader.
 pub fn model(body: &[u8]) -> Expected {
-    let document = std::str::from_utf8(body)
-        .ok()
-        .and_then(|text| Json::new(text).document());
-    // serde_json's own reader is stricter (depth 128, numbers that fit an f64, paired surrogates
-    // in every string), so whatever it reads this model's reader must read too.
-    assert!(
-        document.is_some() || serde_json::from_slice::<Value>(body).is_err(),
-        "serde_json reads {} but the model's JSON reader refuses it",
-        shown(body)
-    );
-    let Some(document) = document else {
+    let Some(document) = read_document(body) else {
         return Expected::Malformed;
     };
     let Some(members) = document else {
@@ -209,7 +200,10 @@ pub fn model(body: &[u8]) -> Expected {
     };
     let card = match card {
         Item::String(None) => return Expected::Refuse("invalid_json"),
-        Item::String(Some(card)) if card_is_valid(&card) => card,
+        Item::String(Some(card)) => match card_digits(&card) {
+            Some(digits) => digits,
+            None => return Expected::Refuse("invalid_card_number"),
+        },
         _ => return Expected::Refuse("invalid_card_number"),
     };
     // Only an integer literal is an amount: `1.0`, `1e3` and `-0` are not, nor is any nesting.
@@ -223,13 +217,31 @@ pub fn model(body: &[u8]) -> Expected {
     }
 }
 
+/// The body read with this file's JSON reader: `None` if it is not JSON, `Some(None)` for JSON
+/// that is not an object.
+fn read_document(body: &[u8]) -> Option<Option<Members<'_>>> {
+    let document = std::str::from_utf8(body)
+        .ok()
+        .and_then(|text| Json::new(text).document());
+    // serde_json's own reader is stricter (depth 128, numbers that fit an f64, paired surrogates
+    // in every string), so whatever it reads this model's reader must read too.
+    assert!(
+        document.is_some() || serde_json::from_slice::<Value>(body).is_err(),
+        "serde_json reads {} but the model's JSON reader refuses it",
+        shown(body)
+    );
+    document
+}
+
 /// A top-level member's value, as far as the rules look at it.
 enum Item<'a> {
     /// A string, decoded; `None` when an escape is a lone surrogate.
     String(Option<String>),
     /// A number's literal text.
     Number(&'a str),
-    /// `true`, `false`, `null`, an array or an object.
+    /// `null` (an optional field's way of saying "none").
+    Null,
+    /// `true`, `false`, an array or an object.
     Other,
 }
 
@@ -308,10 +320,10 @@ impl<'a> Json<'a> {
                 self.nesting()?;
                 Some(Item::Other)
             }
-            _ => {
-                self.literal()?;
-                Some(Item::Other)
-            }
+            _ => match self.literal()? {
+                "null" => Some(Item::Null),
+                _ => Some(Item::Other),
+            },
         }
     }
 
@@ -434,13 +446,13 @@ impl<'a> Json<'a> {
         self.at - start
     }
 
-    fn literal(&mut self) -> Option<()> {
+    fn literal(&mut self) -> Option<&'static str> {
         let rest = &self.text[self.at..];
         let literal = ["true", "false", "null"]
             .into_iter()
             .find(|literal| rest.starts_with(literal))?;
         self.at += literal.len();
-        Some(())
+        Some(literal)
     }
 
     /// JSON's four whitespace bytes; not form feed, which `trim_ascii_start` would skip.
@@ -467,6 +479,25 @@ fn card_is_valid(card: &str) -> bool {
     CARD_DIGITS.contains(&card.len()) && card.bytes().all(|byte| byte.is_ascii_digit())
 }
 
+/// The README's rule for a card number as written: 6 to 19 ASCII digits, optionally in groups
+/// separated by single spaces or by single dashes (one kind per number, none at either end). The
+/// card is its digits.
+fn card_digits(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let separator = bytes.iter().copied().find(|byte| !byte.is_ascii_digit());
+    if let Some(separator) = separator {
+        let grouped = matches!(separator, b' ' | b'-')
+            && text
+                .split(separator as char)
+                .all(|group| !group.is_empty() && group.bytes().all(|byte| byte.is_ascii_digit()));
+        if !grouped {
+            return None;
+        }
+    }
+    let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+    card_is_valid(&digits).then_some(digits)
+}
+
 fn amount_is_valid(amount: i64) -> bool {
     amount != 0 && amount.unsigned_abs() <= AMOUNT_ABS_MAX
 }
@@ -481,4 +512,371 @@ fn shown(body: &[u8]) -> String {
     } else {
         format!("{text:?}")
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ledger's decoders: `decode::transfer`, `decode::open_account`, `decode::idempotency_key`,
+// and the path and query parameters (`decode::card_parameter`, `decode::id_parameter`), driven
+// by the `decode_ledger` target. Its first byte picks the decoder (`0`..`3` in the seeds, any
+// byte modulo 4), the rest is the input.
+// ---------------------------------------------------------------------------------------------
+
+/// Every code the README documents for a refused `POST /transfers` body.
+pub const TRANSFER_CODES: [&str; 8] = [
+    "invalid_json",
+    "missing_field",
+    "unknown_field",
+    "duplicate_field",
+    "invalid_card_number",
+    "invalid_amount",
+    "invalid_reference",
+    "same_account",
+];
+
+/// Every code the README documents for a refused `POST /accounts` body.
+pub const ACCOUNT_CODES: [&str; 5] = [
+    "invalid_json",
+    "missing_field",
+    "unknown_field",
+    "duplicate_field",
+    "invalid_card_number",
+];
+
+/// Longest `reference`, in bytes of UTF-8, and the `Idempotency-Key`'s lengths, from the README.
+const REFERENCE_BYTES_MAX: usize = 255;
+const KEY_BYTES: std::ops::RangeInclusive<usize> = 1..=255;
+
+/// What the rules say a `POST /transfers` body must produce.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ExpectedTransfer {
+    Accept {
+        source: String,
+        destination: String,
+        amount: i64,
+        reference: Option<String>,
+    },
+    Refuse(&'static str),
+    Malformed,
+}
+
+/// The `decode_ledger` target's checks: the first byte picks the decoder.
+pub fn check_ledger(data: &[u8]) {
+    let Some((selector, input)) = data.split_first() else {
+        return;
+    };
+    match selector % 4 {
+        0 => check_transfer(input),
+        1 => check_open_account(input),
+        2 => check_idempotency_key(input),
+        _ => check_parameters(input),
+    }
+}
+
+/// `decode::transfer` agrees with the model, keeps its values within the rules, and decodes the
+/// same request however it is re-encoded; the fingerprint tells requests apart.
+pub fn check_transfer(body: &[u8]) {
+    let result = decode::transfer(body);
+    match &result {
+        Ok(request) => {
+            let (source, destination) = (request.source.as_str(), request.destination.as_str());
+            assert!(
+                card_is_valid(source) && card_is_valid(destination),
+                "cards of {}",
+                shown(body)
+            );
+            assert_ne!(source, destination, "a transfer to itself from {}", shown(body));
+            let amount = request.amount.minor_units();
+            assert!(
+                amount > 0 && amount.unsigned_abs() <= AMOUNT_ABS_MAX,
+                "amount {amount}"
+            );
+            let reference = request.reference.as_ref().map(|r| r.as_str());
+            assert!(reference.is_none_or(|r| r.len() <= REFERENCE_BYTES_MAX));
+            let forward = serde_json::json!({
+                "source": source, "destination": destination, "amount": amount, "reference": reference,
+            });
+            let mut encodings = vec![
+                serde_json::to_vec(&forward).expect("a JSON value encodes"),
+                serde_json::to_vec_pretty(&forward).expect("a JSON value encodes"),
+            ];
+            if reference.is_none() {
+                encodings.push(
+                    format!(r#"{{ "amount":{amount}, "destination":"{destination}", "source":"{source}" }}"#)
+                        .into_bytes(),
+                );
+            }
+            for encoded in encodings {
+                assert_eq!(
+                    decode::transfer(&encoded).as_ref(),
+                    Ok(request),
+                    "{} re-encoded",
+                    shown(body)
+                );
+            }
+            let fingerprint = Command::Transfer(request.clone()).fingerprint();
+            let mut other = request.clone();
+            other.amount = PositiveAmount::new(if amount > 1 { amount - 1 } else { 2 }).unwrap();
+            assert_ne!(Command::Transfer(other).fingerprint(), fingerprint);
+            let mut other = request.clone();
+            other.reference = match reference {
+                None => Some(Reference::new("null".to_owned()).unwrap()),
+                Some(_) => None,
+            };
+            assert_ne!(Command::Transfer(other).fingerprint(), fingerprint);
+        }
+        Err(error) => check_refused_with(body, error, &TRANSFER_CODES),
+    }
+    match (model_transfer(body), &result) {
+        (
+            ExpectedTransfer::Accept {
+                source,
+                destination,
+                amount,
+                reference,
+            },
+            Ok(request),
+        ) => {
+            assert_eq!(request.source.as_str(), source, "source of {}", shown(body));
+            assert_eq!(
+                request.destination.as_str(),
+                destination,
+                "destination of {}",
+                shown(body)
+            );
+            assert_eq!(request.amount.minor_units(), amount, "amount of {}", shown(body));
+            assert_eq!(
+                request.reference.as_ref().map(|r| r.as_str()),
+                reference.as_deref(),
+                "reference of {}",
+                shown(body)
+            );
+        }
+        (ExpectedTransfer::Refuse(code), Err(error)) => {
+            assert_eq!(error.code.as_str(), code, "code for {}: {error:?}", shown(body));
+        }
+        (ExpectedTransfer::Malformed, Err(error)) => assert!(
+            MALFORMED_CODES.contains(&error.code.as_str()),
+            "{} is not JSON but was refused with {:?}",
+            shown(body),
+            error.code
+        ),
+        (expected, result) => panic!(
+            "decode::transfer({}) = {result:?}, but the rules say {expected:?}",
+            shown(body)
+        ),
+    }
+}
+
+/// The rules of `POST /transfers` applied by hand, in the decoder's order: the members (unknown,
+/// duplicate, missing), the source, the destination, the amount, the reference, then whether
+/// source and destination are one card.
+pub fn model_transfer(body: &[u8]) -> ExpectedTransfer {
+    use ExpectedTransfer::{Malformed, Refuse};
+    let Some(document) = read_document(body) else {
+        return Malformed;
+    };
+    let Some(members) = document else {
+        return Refuse("invalid_json");
+    };
+    let (mut source, mut destination, mut amount, mut reference) = (None, None, None, None);
+    for (key, item) in members {
+        let Some(key) = key else {
+            return Refuse("invalid_json");
+        };
+        let slot = match key.as_str() {
+            "source" => &mut source,
+            "destination" => &mut destination,
+            "amount" => &mut amount,
+            "reference" => &mut reference,
+            _ => return Refuse("unknown_field"),
+        };
+        if slot.is_some() {
+            return Refuse("duplicate_field");
+        }
+        *slot = Some(item);
+    }
+    let (Some(source), Some(destination), Some(amount)) = (source, destination, amount) else {
+        return Refuse("missing_field");
+    };
+    let card = |item: Item| match item {
+        Item::String(None) => Err("invalid_json"),
+        Item::String(Some(text)) => card_digits(&text).ok_or("invalid_card_number"),
+        _ => Err("invalid_card_number"),
+    };
+    let source = match card(source) {
+        Ok(card) => card,
+        Err(code) => return Refuse(code),
+    };
+    let destination = match card(destination) {
+        Ok(card) => card,
+        Err(code) => return Refuse(code),
+    };
+    let amount = match amount {
+        Item::Number(text) if !text.contains(['.', 'e', 'E']) => text.parse::<i64>().ok(),
+        _ => None,
+    };
+    let Some(amount) = amount.filter(|a| *a > 0 && a.unsigned_abs() <= AMOUNT_ABS_MAX) else {
+        return Refuse("invalid_amount");
+    };
+    let reference = match reference {
+        None | Some(Item::Null) => None,
+        Some(Item::String(None)) => return Refuse("invalid_json"),
+        Some(Item::String(Some(text))) if text.len() <= REFERENCE_BYTES_MAX => Some(text),
+        Some(_) => return Refuse("invalid_reference"),
+    };
+    if source == destination {
+        return Refuse("same_account");
+    }
+    ExpectedTransfer::Accept {
+        source,
+        destination,
+        amount,
+        reference,
+    }
+}
+
+/// `decode::open_account` agrees with the rules: one member, `card_number`, a valid card.
+pub fn check_open_account(body: &[u8]) {
+    let result = decode::open_account(body);
+    if let Err(error) = &result {
+        check_refused_with(body, error, &ACCOUNT_CODES);
+    }
+    let expected: Result<String, Option<&str>> = match read_document(body) {
+        None => Err(None),
+        Some(None) => Err(Some("invalid_json")),
+        Some(Some(members)) => {
+            let mut card = None;
+            let mut problem = None;
+            for (key, item) in members {
+                match key.as_deref() {
+                    None => problem = Some("invalid_json"),
+                    Some("card_number") if card.is_some() => problem = Some("duplicate_field"),
+                    Some("card_number") => card = Some(item),
+                    Some(_) => problem = Some("unknown_field"),
+                }
+                if problem.is_some() {
+                    break;
+                }
+            }
+            match (problem, card) {
+                (Some(code), _) => Err(Some(code)),
+                (None, None) => Err(Some("missing_field")),
+                (None, Some(Item::String(None))) => Err(Some("invalid_json")),
+                (None, Some(Item::String(Some(text)))) => {
+                    card_digits(&text).ok_or(Some("invalid_card_number"))
+                }
+                (None, Some(_)) => Err(Some("invalid_card_number")),
+            }
+        }
+    };
+    match (expected, &result) {
+        (Ok(card), Ok(request)) => assert_eq!(request.card.as_str(), card, "card of {}", shown(body)),
+        (Err(Some(code)), Err(error)) => {
+            assert_eq!(error.code.as_str(), code, "code for {}: {error:?}", shown(body))
+        }
+        (Err(None), Err(error)) => assert!(
+            MALFORMED_CODES.contains(&error.code.as_str()),
+            "{} is not JSON but was refused with {:?}",
+            shown(body),
+            error.code
+        ),
+        (expected, result) => panic!(
+            "decode::open_account({}) = {result:?}, but the rules say {expected:?}",
+            shown(body)
+        ),
+    }
+}
+
+/// The `Idempotency-Key` header: accepted exactly when it is 1 to 255 printable ASCII bytes, and
+/// then kept byte for byte.
+pub fn check_idempotency_key(header: &[u8]) {
+    let valid = KEY_BYTES.contains(&header.len()) && header.iter().all(|b| (0x20..=0x7e).contains(b));
+    match decode::idempotency_key(Some(header)) {
+        Ok(Some(key)) => {
+            assert!(valid, "accepted the key {}", shown(header));
+            assert_eq!(key.as_str().as_bytes(), header, "the key was changed");
+        }
+        Ok(None) => panic!("a header {} read as no key", shown(header)),
+        Err(error) => {
+            assert!(!valid, "refused the key {}: {error:?}", shown(header));
+            assert_eq!(error.code.as_str(), "invalid_idempotency_key");
+            assert_eq!(error.status().as_u16(), 400);
+            assert!(!error.message.is_empty());
+        }
+    }
+    assert_eq!(decode::idempotency_key(None).ok(), Some(None));
+}
+
+/// Path and query parameters: an id, limit or cursor is a positive i64 in plain digits; a card in
+/// a path or query is percent-decoded (and in a query `+` is a space) and then a card number.
+pub fn check_parameters(input: &[u8]) {
+    let Ok(text) = std::str::from_utf8(input) else {
+        return;
+    };
+    let id = (!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| text.parse::<i64>().ok())
+        .flatten()
+        .filter(|n| *n > 0);
+    match decode::id_parameter("limit", text) {
+        Ok(n) => assert_eq!(Some(n), id, "id_parameter accepted {text:?}"),
+        Err(error) => {
+            assert_eq!(id, None, "id_parameter refused {text:?}");
+            assert_eq!(error.code.as_str(), "invalid_parameter");
+        }
+    }
+    for (part, plus_is_space) in [(decode::Part::Path, false), (decode::Part::Query, true)] {
+        let expected = model_percent_decode(text, plus_is_space)
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .and_then(|decoded| card_digits(&decoded));
+        match decode::card_parameter(text, part) {
+            Ok(card) => assert_eq!(Some(card.as_str()), expected.as_deref(), "{part:?} card {text:?}"),
+            Err(error) => {
+                assert_eq!(expected, None, "{part:?} card {text:?} refused");
+                assert_eq!(error.code.as_str(), "invalid_card_number");
+            }
+        }
+    }
+    check_domain(input);
+}
+
+/// `%XX` (two hex digits) is a byte, and in a query `+` is a space; any other `%` is broken.
+fn model_percent_decode(text: &str, plus_is_space: bool) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest = text.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        rest = tail;
+        match byte {
+            b'%' => {
+                let hex = std::str::from_utf8(rest.get(..2)?).ok()?;
+                if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return None;
+                }
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                rest = &rest[2..];
+            }
+            b'+' if plus_is_space => out.push(b' '),
+            byte => out.push(byte),
+        }
+    }
+    Some(out)
+}
+
+/// A refusal of a body: a 400 with one of `codes`, a message, no extras.
+fn check_refused_with(body: &[u8], error: &ApiError, codes: &[&str]) {
+    assert_eq!(
+        error.status().as_u16(),
+        400,
+        "status for {}: {error:?}",
+        shown(body)
+    );
+    assert!(
+        codes.contains(&error.code.as_str()),
+        "undocumented code for {}: {error:?}",
+        shown(body)
+    );
+    assert!(!error.message.is_empty(), "empty message for {}", shown(body));
+    assert_eq!(error.balance, None, "balance on {error:?}");
+    assert_eq!(error.allow, None, "allow on {error:?}");
+    assert_eq!(error.retry_after, None, "retry_after on {error:?}");
+    assert_eq!(error.card_number, None, "card_number on {error:?}");
 }
