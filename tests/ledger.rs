@@ -578,7 +578,6 @@ async fn a_credit_past_the_largest_balance_is_refused_whole() {
 /// Balances of up to i64::MAX each are legal, so their total may pass i64::MAX: `tallyd verify`
 /// must still add them up (the engine keeps its totals in i128 for the same reason).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: see notes"]
 async fn verify_adds_up_balances_whose_total_passes_i64() {
     let dir = tempfile::tempdir().unwrap();
     let seed = dir.path().join("seed.sql");

@@ -319,7 +319,6 @@ fn another_programs_database_is_refused_and_left_byte_for_byte() {
 /// another program's, which uses `user_version` for its own migrations): tallyd must not seed it as
 /// a new one, which would also stamp it back to version 2.
 #[test]
-#[ignore = "bug: see notes"]
 fn an_empty_file_stamped_with_a_newer_version_is_refused_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("users.db");
