@@ -634,3 +634,50 @@ async fn keyed_retries_after_queue_full_take_effect_once() {
     eprintln!("idempotency: {CLIENTS} keyed transfers through a queue of one: {turned_away} turned away with 503 and retried, each committed once");
     server.verify();
 }
+
+/// A replay moved nothing, so it is not counted as a commit: after one keyed transfer and three
+/// replays of it, `/stats` and `tallyd_transactions_total` count one committed transaction (and a
+/// replayed refusal is not a second refusal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: see notes"]
+async fn replays_are_not_counted_as_commits() {
+    let server = Server::start(&[]);
+    let mut client = server.client().await;
+    let (a, a_open) = seeded_card(1);
+    let (b, _) = seeded_card(2);
+    let body = transfer_body(&a, &b, 5);
+    let too_much = transfer_body(&a, &b, a_open + 1);
+    for _ in 0..4 {
+        assert_status(&client.post_keyed("/transfers", &body, "counted").await, 200);
+        assert_error(
+            &client.post_keyed("/transfers", &too_much, "counted-422").await,
+            422,
+            "insufficient_funds",
+        );
+    }
+    let stats = client.get("/stats").await.json();
+    let metrics = common::parse_prometheus(&client.get("/metrics").await.text);
+    let committed = common::series_value(
+        &metrics,
+        "tallyd_transactions_total",
+        &[("kind", "transfer"), ("outcome", "committed")],
+    );
+    let refused = common::series_value(
+        &metrics,
+        "tallyd_transactions_total",
+        &[("kind", "transfer"), ("outcome", "insufficient_funds")],
+    );
+    eprintln!(
+        "idempotency: after 1 transfer + 3 replays and 1 refusal + 3 replays: /stats {}, metrics committed {committed:?}, insufficient_funds {refused:?}",
+        stats["transactions"]
+    );
+    assert_eq!(db_transactions(&server.sqlite()), 1);
+    assert_eq!(stats["transactions"]["committed"], 1, "{}", stats["transactions"]);
+    assert_eq!(
+        stats["transactions"]["insufficient_funds"], 1,
+        "{}",
+        stats["transactions"]
+    );
+    assert_eq!(committed, Some(1.0));
+    assert_eq!(refused, Some(1.0));
+}
