@@ -327,3 +327,58 @@ fn an_empty_file_stamped_with_a_newer_version_is_refused_untouched() {
     drop(conn);
     assert_refused_untouched(&db, &["schema version 3", "newer"]);
 }
+
+/// The upgrade is one transaction: `serve` killed (SIGKILL) at random moments while it upgrades
+/// leaves either the untouched version-1 file or the whole version-2 one, never a mix, and the
+/// next start finishes the job.
+#[test]
+fn an_upgrade_killed_part_way_leaves_version_1_or_version_2_whole() {
+    const KILLS: usize = 12;
+    let seed = common::test_seed("upgrade kill", "TALLYD_UPGRADE_SEED");
+    let mut rng = common::Rng(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let rows = build_v1(&db);
+    let v1_accounts = accounts_of(&rusqlite::Connection::open(&db).unwrap());
+    let mut outcomes = Vec::new();
+    for _ in 0..KILLS {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+            .arg(&db)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Not synchronisation: a random moment to crash at.
+        std::thread::sleep(Duration::from_millis(20 + rng.below(380)));
+        let _ = child.kill();
+        let _ = child.wait();
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        let journal: Vec<V1Row> = conn
+            .prepare("SELECT id, card_number, amount, balance_after, created_at_ms FROM journal ORDER BY id")
+            .unwrap()
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(version == 1 || version == 2, "version {version} after a kill");
+        assert_eq!(journal, rows, "the journal after a kill at version {version}");
+        assert!(
+            accounts_of(&conn) == v1_accounts,
+            "the accounts after a kill at version {version}"
+        );
+        outcomes.push(version);
+        if version == 2 {
+            common::verify(&db);
+            break;
+        }
+    }
+    eprintln!("upgrade: versions after each kill: {outcomes:?}");
+    let server = Server::start_on(&db, &[]);
+    assert_eq!(common::db_transactions(&server.sqlite()), rows.len() as i64);
+    server.verify();
+}
