@@ -328,7 +328,7 @@ fn an_empty_file_stamped_with_a_newer_version_is_refused_untouched() {
     assert_refused_untouched(&db, &["schema version 3", "newer"]);
 }
 
-/// The upgrade is one transaction: `serve` killed (SIGKILL) at random moments while it upgrades
+/// The upgrade is one transaction: `serve` killed (SIGKILL) at moments sweeping the upgrade
 /// leaves either the untouched version-1 file or the whole version-2 one, never a mix, and the
 /// next start finishes the job.
 #[test]
@@ -341,7 +341,7 @@ fn an_upgrade_killed_part_way_leaves_version_1_or_version_2_whole() {
     let rows = build_v1(&db);
     let v1_accounts = accounts_of(&rusqlite::Connection::open(&db).unwrap());
     let mut outcomes = Vec::new();
-    for _ in 0..KILLS {
+    for kill in 0..KILLS as u64 {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .args(["serve", "--listen", "127.0.0.1:0", "--db"])
             .arg(&db)
@@ -350,8 +350,9 @@ fn an_upgrade_killed_part_way_leaves_version_1_or_version_2_whole() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        // Not synchronisation: a random moment to crash at.
-        std::thread::sleep(Duration::from_millis(20 + rng.below(380)));
+        // Not synchronisation: a moment to crash at, later each time (with jitter), so that the
+        // kills sweep the upgrade from its start.
+        std::thread::sleep(Duration::from_millis(10 + kill * 40 + rng.below(40)));
         let _ = child.kill();
         let _ = child.wait();
         let conn = rusqlite::Connection::open(&db).unwrap();
