@@ -328,6 +328,27 @@ fn an_empty_file_stamped_with_a_newer_version_is_refused_untouched() {
     assert_refused_untouched(&db, &["schema version 3", "newer"]);
 }
 
+/// An upgraded account cannot have been opened after its own history: version 1 kept no opening
+/// time, so whatever the upgrade picks must not be later than the account's first journal row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: see notes"]
+async fn an_upgraded_account_is_not_created_after_its_own_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let rows = build_v1(&db);
+    let server = Server::start_on(&db, &[]);
+    let mut client = server.client().await;
+    let card = &rows[0].1;
+    let first_at = rows.iter().filter(|r| &r.1 == card).map(|r| r.4).min().unwrap();
+    let account = client.get(&format!("/accounts/{card}")).await;
+    let created = account.i64("created_at_ms");
+    assert!(
+        created <= first_at,
+        "{card} was created at {created}, after its first transaction at {first_at}: {}",
+        account.text
+    );
+}
+
 /// The upgrade is one transaction: `serve` killed (SIGKILL) at moments sweeping the upgrade
 /// leaves either the untouched version-1 file or the whole version-2 one, never a mix, and the
 /// next start finishes the job.
