@@ -57,6 +57,10 @@ async fn all_entries(client: &mut Client, card: &str, limit: u32) -> Vec<Value> 
         let has_more = page["has_more"].as_bool().unwrap();
         assert!(data.len() <= limit as usize);
         assert!(
+            cursor.is_none() || !data.is_empty(),
+            "the page before promised more, this one after {cursor:?} is empty"
+        );
+        assert!(
             !has_more || data.len() == limit as usize,
             "a short page with more after it"
         );
