@@ -1176,6 +1176,14 @@ fn every_malformed_request_gets_its_documented_answer_and_moves_nothing() {
         "no malformed request wrote a journal row"
     );
     assert_eq!(demo_balance(&server), DEMO_OPENING);
+    let keys: i64 = server
+        .sqlite()
+        .query_row("SELECT count(*) FROM idempotency_keys", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        keys, 0,
+        "a request refused before execution stored its idempotency key"
+    );
     let stats = get_ok(&server, "/stats").json().unwrap();
     assert_eq!(stats["transactions"]["committed"], 0);
     server.verify();
