@@ -752,6 +752,12 @@ async fn paging_a_statement_while_transfers_commit_misses_and_repeats_nothing() 
         assert_status(&reply, 200);
     }
 
+    // Without `limit`, a page is 20 entries.
+    let default_page = client.get(&format!("/accounts/{card}/entries")).await.json();
+    assert_eq!(default_page["data"].as_array().unwrap().len(), 20);
+    assert_eq!(default_page["has_more"], true);
+    assert_eq!(default_page["data"][0]["id"], HISTORY);
+
     let stop = Arc::new(AtomicBool::new(false));
     let committed = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..WRITERS)
