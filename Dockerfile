@@ -8,14 +8,19 @@
 # See docs/operations.md for what was and was not verified of this file.
 
 ARG RUST_VERSION=1.95
+# The two base images. The defaults are the official tags, which `docker build` pulls; CI cannot reach a registry
+# and passes local stand-ins made from Debian's packages instead (scripts/ci-container.sh, docs/operations.md):
+#   --build-arg BUILD_IMAGE=... --build-arg RUNTIME_IMAGE=...
+ARG BUILD_IMAGE=rust:${RUST_VERSION}-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-slim
 
-FROM rust:${RUST_VERSION}-bookworm AS build
+FROM ${BUILD_IMAGE} AS build
 WORKDIR /src
 # The whole (filtered by .dockerignore) work tree: Cargo.lock must be there for --locked.
 COPY . .
 RUN cargo build --release --locked
 
-FROM debian:bookworm-slim AS runtime
+FROM ${RUNTIME_IMAGE} AS runtime
 # curl is only for HEALTHCHECK: tallyd has no health-check subcommand and the slim image has no HTTP client.
 # Versions are not pinned (DL3008): bookworm's security updates replace old versions in the archive, so a pin
 # would break the build at the next point release; the base image tag is what fixes the distribution.
