@@ -401,7 +401,9 @@ def cmd_dockerfile(args):
     if listen:
         port = str(port_of(listen.group(1)))
         problems.require(port in exposes or f"{port}/tcp" in exposes, f"EXPOSE {exposes} lacks the listen port {port}")
-        problems.require(health and f":{port}/healthz" in health[-1], "HEALTHCHECK does not use the listen port")
+        # The check either names the listen port or takes it from TALLYD_LISTEN when it runs.
+        problems.require(health and (f":{port}/healthz" in health[-1] or "${TALLYD_LISTEN##*:}" in health[-1]),
+                         "HEALTHCHECK does not use the listen port")
     volumes = " ".join(a for i, a in instructions if i == "VOLUME")
     problems.require(db and os.path.dirname(db.group(1)) in volumes, f"TALLYD_DB {db and db.group(1)} is not on a VOLUME ({volumes})")
     cargo = open(args.cargo_toml, encoding="utf-8").read()
