@@ -142,10 +142,13 @@ build_standin() { echo "$PREFIX/rust:$(rust_version)-bookworm"; }
 standin_label() { podman image inspect --format '{{index .Labels "tallyd.ci.inputs"}}' "$1" 2>/dev/null || true; }
 inputs_hash() { printf '%s\n' "$@" | sha256sum | cut -c1-16; }
 
-# Without systemd, podman logs an error for every health-check timer it cannot create or remove (none is needed:
-# this script runs the checks itself with `podman healthcheck run`). Drop those lines, keep every other message.
+# quiet_podman SECONDS ARGS...: `podman ARGS` bounded by SECONDS. Without systemd, podman logs an error for every
+# health-check timer it cannot create or remove (none is needed: this script runs the checks itself with
+# `podman healthcheck run`): those lines are dropped, every other message is kept.
 quiet_podman() {
-    podman "$@" 2> >(grep -v -e 'unable to get systemd connection' -e 'failed to connect to syslog' >&2)
+    local seconds="$1"
+    shift
+    timeout "$seconds" podman "$@" 2> >(grep -v -e 'unable to get systemd connection' -e 'failed to connect to syslog' >&2)
 }
 
 compose() {
@@ -250,7 +253,7 @@ EOF
         fi
     } >"$rootfs/etc/apt/sources.list.d/debian.sources"
     echo "slimmed to $(du -sm "$rootfs" | cut -f1) MB"
-    tar --numeric-owner -C "$rootfs" -c . | timeout 300 podman import \
+    tar --numeric-owner -C "$rootfs" -c . | timeout 300 podman import --quiet \
         --change 'CMD ["bash"]' --change "LABEL tallyd.ci.inputs=$key" - "$image" >/dev/null
     rm -rf --one-file-system "$rootfs"
     echo "$image imported ($key) in $(( SECONDS - started ))s"
@@ -415,7 +418,7 @@ post() {
 start_first() {
     podman volume create "$VOLUME" >/dev/null
     # As docs/operations.md says to run it without compose: a published port on the host's loopback.
-    quiet_podman run -d --name "$FIRST" -p "127.0.0.1:$PORT_FIRST:8080" -v "$VOLUME:/var/lib/tallyd" "$IMAGE" >/dev/null
+    quiet_podman 60 run -d --name "$FIRST" -p "127.0.0.1:$PORT_FIRST:8080" -v "$VOLUME:/var/lib/tallyd" "$IMAGE" >/dev/null
     wait_healthy "$FIRST"
     podman logs "$FIRST" 2>&1 | grep -a -E 'seed|listening' | sed 's/\x1b\[[0-9;]*m//g'
 }
@@ -464,7 +467,7 @@ stop_during_burst() {
     local burst=$!
     sleep 0.5
     started=$SECONDS
-    timeout $(( STOP_TIMEOUT_S + 30 )) quiet_podman stop -t "$STOP_TIMEOUT_S" "$FIRST" >/dev/null
+    quiet_podman $(( STOP_TIMEOUT_S + 30 )) stop -t "$STOP_TIMEOUT_S" "$FIRST" >/dev/null
     wait "$burst" || true
     rc="$(podman inspect --format '{{.State.ExitCode}}' "$FIRST")"
     grep -c '^200$' "$TMP/burst.codes" >"$TMP/burst.ok" || true
@@ -476,13 +479,15 @@ stop_during_burst() {
 }
 
 verify_volume() {
-    timeout 120 quiet_podman run --rm --network none -v "$VOLUME:/var/lib/tallyd" "$IMAGE" verify --db /var/lib/tallyd/users.db
+    quiet_podman 120 run --rm --network none -v "$VOLUME:/var/lib/tallyd" "$IMAGE" verify --db /var/lib/tallyd/users.db
 }
 
 # A new container on the same volume, this time under --network host with TALLYD_LISTEN overridden: the image's
 # health check must follow the port.
 start_second() {
-    quiet_podman run -d --name "$SECOND" --network host -e "TALLYD_LISTEN=127.0.0.1:$PORT_SECOND" \
+    [[ "$(podman inspect --format '{{.State.Running}}' "$FIRST")" != true ]] \
+        || fail_because "$FIRST is still running: no second server on its database"
+    quiet_podman 60 run -d --name "$SECOND" --network host -e "TALLYD_LISTEN=127.0.0.1:$PORT_SECOND" \
         -v "$VOLUME:/var/lib/tallyd" "$IMAGE" >/dev/null
     wait_healthy "$SECOND"
     podman logs "$SECOND" 2>&1 | grep -a -E 'seed|listening|open' | sed 's/\x1b\[[0-9;]*m//g'
@@ -493,6 +498,7 @@ start_second() {
 
 balance_kept() {
     local addr="127.0.0.1:$PORT_SECOND" demo burst want_burst
+    [[ -s "$TMP/burst.ok" && -s "$TMP/demo.balance" ]] || fail_because "the first run left no balances to compare"
     demo="$(balance_of "$addr" "$DEMO_CARD")"
     burst="$(balance_of "$addr" "$BURST_CARD")"
     want_burst=$(( $(cat "$TMP/burst.before") + $(cat "$TMP/burst.ok") ))
@@ -503,7 +509,7 @@ balance_kept() {
 }
 
 stop_second() {
-    timeout $(( STOP_TIMEOUT_S + 30 )) quiet_podman stop -t "$STOP_TIMEOUT_S" "$SECOND" >/dev/null
+    quiet_podman $(( STOP_TIMEOUT_S + 30 )) stop -t "$STOP_TIMEOUT_S" "$SECOND" >/dev/null
     local rc
     rc="$(podman inspect --format '{{.State.ExitCode}}' "$SECOND")"
     echo "exit status $rc"
