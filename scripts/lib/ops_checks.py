@@ -361,11 +361,26 @@ def dockerfile_instructions(path):
     return out
 
 
+def expand_args(text, values):
+    """Replaces ${NAME} and $NAME by the values of global ARGs; unknown names are left as they are."""
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values.get(m.group(1) or m.group(2), m.group(0)), text)
+
+
 def cmd_dockerfile(args):
     """Sanity of the Dockerfile without a Docker engine: stages, build command, user, health, port, data."""
     problems = Problems()
     instructions = dockerfile_instructions(args.dockerfile)
-    froms = [a for i, a in instructions if i == "FROM"]
+    # Base images come from ARGs before the first FROM (CI passes stand-ins through them): check their defaults,
+    # which are what `docker build` uses.
+    global_args = {}
+    for i, a in instructions:
+        if i == "FROM":
+            break
+        if i == "ARG" and "=" in a:
+            name, _, default = a.partition("=")
+            global_args[name.strip()] = expand_args(default.strip().strip('"'), global_args)
+    froms = [expand_args(a, global_args) for i, a in instructions if i == "FROM"]
+    problems.require(all("$" not in f for f in froms), f"a FROM names an ARG without a default: {froms}")
     problems.require(len(froms) >= 2, "expected a multi-stage build")
     problems.require(froms and froms[0].startswith("rust:"), f"the build stage is not the official Rust image: {froms[:1]}")
     problems.require(froms and froms[-1].split()[0] in ("debian:bookworm-slim", "gcr.io/distroless/cc-debian12"),
@@ -386,7 +401,9 @@ def cmd_dockerfile(args):
     if listen:
         port = str(port_of(listen.group(1)))
         problems.require(port in exposes or f"{port}/tcp" in exposes, f"EXPOSE {exposes} lacks the listen port {port}")
-        problems.require(health and f":{port}/healthz" in health[-1], "HEALTHCHECK does not use the listen port")
+        # The check either names the listen port or takes it from TALLYD_LISTEN when it runs.
+        problems.require(health and (f":{port}/healthz" in health[-1] or "${TALLYD_LISTEN##*:}" in health[-1]),
+                         "HEALTHCHECK does not use the listen port")
     volumes = " ".join(a for i, a in instructions if i == "VOLUME")
     problems.require(db and os.path.dirname(db.group(1)) in volumes, f"TALLYD_DB {db and db.group(1)} is not on a VOLUME ({volumes})")
     cargo = open(args.cargo_toml, encoding="utf-8").read()
