@@ -22,14 +22,14 @@ use common::{
 };
 
 const CYCLES_DEFAULT: u64 = 10;
-const CLIENTS: usize = 24;
+const CLIENTS: usize = 48;
 const CARDS: u32 = 20;
-/// Requests each client intends to make. The kills come after 20 to 140 acknowledgements, so
+/// Requests each client intends to make. The kills come after 50 to 300 acknowledgements, so
 /// most of the work is left for the run after the last kill, and every kill lands mid-flight.
-const INTENTS_PER_CLIENT: usize = 100;
-/// Amounts are at most this, so no card can be drained (100 × 24 × 40 < the smallest opening
+const INTENTS_PER_CLIENT: usize = 200;
+/// Amounts are at most this, so no card can be drained (200 × 48 × 10 < the smallest opening
 /// balance): every intended transfer must succeed, exactly once.
-const AMOUNT_MAX: u64 = 40;
+const AMOUNT_MAX: u64 = 10;
 
 const WORLD: &str = "@world";
 
@@ -223,7 +223,7 @@ async fn keyed_retries_across_ten_sigkills_take_effect_exactly_once() {
             .map(|state| tokio::spawn(run_client(server.addr, state, Arc::clone(&acks))))
             .collect();
         if !last {
-            let kill_after = 20 + rng.below(120);
+            let kill_after = 50 + rng.below(250);
             let deadline = Deadline::new(Duration::from_secs(60), "acknowledgements before the kill");
             while acks.load(Ordering::Relaxed) < kill_after {
                 assert!(
