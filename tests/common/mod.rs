@@ -457,11 +457,14 @@ pub fn test_seed(test: &str, var: &str) -> u64 {
     seed
 }
 
-/// Every account's current balance, `@world` included, read from the database.
+/// Every account's balance, `@world` included, recomputed from the database as its opening balance
+/// plus the sum of its legs (`entries`), independently of any balance the store keeps: one pass
+/// over the legs, whatever `entries` is (a table or a view).
 pub fn db_balances(db: &rusqlite::Connection) -> std::collections::BTreeMap<String, i64> {
     db.prepare(
-        "SELECT a.name, coalesce((SELECT e.balance_after FROM entries e WHERE e.account = a.name \
-         ORDER BY e.transaction_id DESC LIMIT 1), a.opening_balance) FROM ledger_accounts a",
+        "SELECT a.name, a.opening_balance + coalesce(s.total, 0) FROM ledger_accounts a \
+         LEFT JOIN (SELECT account, SUM(amount) AS total FROM entries GROUP BY account) s \
+         ON s.account = a.name",
     )
     .unwrap()
     .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
