@@ -43,12 +43,14 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 pub fn serve_until_signal(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
+        // Registered before anything is logged, so that a SIGTERM right after `listening` drains too.
+        let shutdown = shutdown_signal()?;
         // The store first: a database held by another tallyd is refused before we listen.
         let store = open_store(&config).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(ServerError::Listen)?;
-        run(listener, store, config, shutdown_signal()).await?;
+        run(listener, store, config, shutdown).await?;
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -227,19 +229,27 @@ async fn sample_every_second(
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
+/// Installs the SIGINT and SIGTERM handlers now and returns a future that completes on either.
+/// (An `async fn` would install them only when first polled, and a signal before that would kill
+/// the process instead of draining it.)
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
         tokio::select! {
-            _ = interrupt => {},
+            _ = interrupt.recv() => {},
             _ = terminate.recv() => {},
         }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
-    tracing::info!("shutdown signal received");
+        tracing::info!("shutdown signal received");
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutdown signal received");
+    })
 }

@@ -20,6 +20,7 @@ pub const WORKERS: &str = "tallyd_workers";
 pub const AVERAGE_BALANCE: &str = "tallyd_average_balance";
 pub const UPTIME: &str = "tallyd_uptime_seconds";
 pub const HTTP_REQUESTS_TOTAL: &str = "tallyd_http_requests_total";
+pub const IDEMPOTENT_REPLAYS_TOTAL: &str = "tallyd_idempotent_replays_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -74,6 +75,13 @@ pub fn describe(workers: usize, queue_capacity: usize) {
     describe_gauge!(AVERAGE_BALANCE, "Average account balance in minor units");
     describe_gauge!(UPTIME, "Seconds since start");
     describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests by route and status");
+    describe_counter!(
+        IDEMPOTENT_REPLAYS_TOTAL,
+        "POSTs answered with the stored answer of their Idempotency-Key (nothing moved), by route"
+    );
+    for route in ["/transaction", "/transfers", "/accounts"] {
+        counter!(IDEMPOTENT_REPLAYS_TOTAL, "route" => route).absolute(0);
+    }
     for outcome in OutcomeLabel::ALL {
         for kind in ["deposit", "withdrawal", "transfer", "unknown"] {
             counter!(TRANSACTIONS_TOTAL, "kind" => kind, "outcome" => outcome.as_str()).absolute(0);
@@ -98,6 +106,11 @@ pub fn record_batch(size: usize, took: Duration, commit_ok: bool) {
     if !commit_ok {
         counter!(BATCH_FAILURES_TOTAL).increment(1);
     }
+}
+
+/// A keyed `POST` was answered from its stored answer.
+pub fn record_replay(route: &'static str) {
+    counter!(IDEMPOTENT_REPLAYS_TOTAL, "route" => route).increment(1);
 }
 
 /// Any HTTP request was answered.

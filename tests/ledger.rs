@@ -557,7 +557,7 @@ async fn a_credit_past_the_largest_balance_is_refused_whole() {
     let seed = dir.path().join("seed.sql");
     std::fs::write(
         &seed,
-        "INSERT INTO ledger_accounts (name, opening_balance, created_at_ms) VALUES \
+        "INSERT INTO accounts (card_number, opening_balance, created_at_ms) VALUES \
          ('5000000000000001', 9223372036854775000, 0), ('5000000000000002', 100000, 0);",
     )
     .unwrap();
@@ -587,7 +587,7 @@ async fn verify_adds_up_balances_whose_total_passes_i64() {
     let seed = dir.path().join("seed.sql");
     std::fs::write(
         &seed,
-        "INSERT INTO ledger_accounts (name, opening_balance, created_at_ms) VALUES \
+        "INSERT INTO accounts (card_number, opening_balance, created_at_ms) VALUES \
          ('5000000000000001', 9223372036854775000, 0), ('5000000000000002', 100000, 0);",
     )
     .unwrap();

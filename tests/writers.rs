@@ -212,7 +212,8 @@ async fn an_outside_write_while_tallyd_runs_is_noticed_and_kept() {
     let (card, opening) = common::seeded_card(1);
     outside
         .execute(
-            "UPDATE ledger_accounts SET opening_balance = opening_balance + 500 WHERE name = ?1",
+            "UPDATE ledger_accounts SET opening_balance = opening_balance + 500, balance = balance + 500 \
+             WHERE name = ?1",
             [&card],
         )
         .unwrap();

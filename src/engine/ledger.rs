@@ -27,8 +27,8 @@ use crate::domain::{
     TransferRequest,
 };
 use crate::store::{
-    Batch, IdempotencyRecord, LedgerState, Leg, NewAccount, Store, StoreError, StoredAnswer, Totals,
-    TransactionRecord,
+    AccountState, Batch, IdempotencyRecord, LedgerState, Leg, NewAccount, Store, StoreError, StoredAnswer,
+    Totals, TransactionRecord,
 };
 
 /// What the engine decided for one command. A refusal is an outcome, not an error: the request
@@ -118,10 +118,10 @@ const COMMIT_ATTEMPTS_MAX: u32 = 3;
 /// Balances in memory in front of a store.
 pub struct Ledger<S> {
     store: S,
-    /// Committed balances of every card account.
-    cards: HashMap<CardNumber, i64>,
-    /// The outside world's committed balance.
-    world: i64,
+    /// Committed balance and last transaction of every card account.
+    cards: HashMap<CardNumber, AccountState>,
+    /// The outside world's.
+    world: AccountState,
     next_id: i64,
     /// Timestamps never go backwards, so that ids and times agree (`/balance?at=` relies on it).
     last_at_ms: i64,
@@ -134,9 +134,9 @@ pub struct Ledger<S> {
 /// One batch being decided: its writes, and the balances it has staged over the committed ones.
 struct Staging<'a> {
     batch: Batch,
-    cards: HashMap<&'a CardNumber, i64>,
+    cards: HashMap<&'a CardNumber, AccountState>,
     opened: HashSet<&'a CardNumber>,
-    world: i64,
+    world: AccountState,
     next_id: i64,
     /// Keys used earlier in this batch, with the answer they got.
     keys: HashMap<(&'static str, &'a IdempotencyKey), StoredAnswer>,
@@ -148,7 +148,7 @@ impl<S: Store> Ledger<S> {
         let mut ledger = Self {
             store,
             cards: HashMap::new(),
-            world: 0,
+            world: AccountState::default(),
             next_id: 1,
             last_at_ms: 0,
             totals: Totals::default(),
@@ -164,9 +164,11 @@ impl<S: Store> Ledger<S> {
             cards,
             world,
             next_transaction_id,
+            last_at_unix_ms,
         } = self.store.load()?;
+        self.last_at_ms = self.last_at_ms.max(last_at_unix_ms);
         self.totals = Totals {
-            balance_sum: cards.iter().map(|(_, balance)| i128::from(*balance)).sum(),
+            balance_sum: cards.iter().map(|(_, state)| i128::from(state.balance)).sum(),
             accounts: cards.len() as i64,
         };
         self.cards = cards.into_iter().collect();
@@ -315,7 +317,7 @@ impl<S: Store> Ledger<S> {
         decided.unwrap_or_else(Outcome::Refused)
     }
 
-    fn balance(&self, staging: &Staging<'_>, card: &CardNumber) -> Result<i64, Refusal> {
+    fn state(&self, staging: &Staging<'_>, card: &CardNumber) -> Result<AccountState, Refusal> {
         staging
             .cards
             .get(card)
@@ -329,7 +331,7 @@ impl<S: Store> Ledger<S> {
             return Err(Refusal::AccountExists);
         }
         staging.opened.insert(&open.card);
-        staging.cards.insert(&open.card, 0);
+        staging.cards.insert(&open.card, AccountState::default());
         staging.batch.accounts.push(NewAccount {
             card: open.card.clone(),
         });
@@ -344,7 +346,8 @@ impl<S: Store> Ledger<S> {
         staging: &mut Staging<'a>,
         request: &'a TransactionRequest,
     ) -> Result<Outcome, Refusal> {
-        let current = self.balance(staging, &request.card)?;
+        let card = self.state(staging, &request.card)?;
+        let current = card.balance;
         let card_after = apply(current, request.amount).map_err(|rule| match rule {
             CardRule::InsufficientFunds => Refusal::InsufficientFunds { balance: current },
             CardRule::BalanceLimitExceeded => Refusal::BalanceLimitExceeded { balance: current },
@@ -353,25 +356,28 @@ impl<S: Store> Ledger<S> {
         // The outside world moves the other way; it may go negative but never wraps.
         let world_after = staging
             .world
+            .balance
             .checked_sub(amount)
             .ok_or(Refusal::BalanceLimitExceeded { balance: current })?;
         let card_leg = Leg {
             account: Account::Card(request.card.clone()),
             amount,
             balance_after: card_after,
+            previous_id: card.last_transaction_id,
         };
         let world_leg = Leg {
             account: Account::World,
             amount: -amount,
             balance_after: world_after,
+            previous_id: staging.world.last_transaction_id,
         };
         let (kind, legs) = match request.amount.kind() {
             Kind::Withdrawal => (Kind::Withdrawal, [card_leg, world_leg]),
             _ => (Kind::Deposit, [world_leg, card_leg]),
         };
         let id = stage(staging, kind, amount.abs(), None, legs);
-        staging.cards.insert(&request.card, card_after);
-        staging.world = world_after;
+        staging.cards.insert(&request.card, after(card_after, id));
+        staging.world = after(world_after, id);
         Ok(Outcome::Posted {
             id,
             balance: card_after,
@@ -384,31 +390,42 @@ impl<S: Store> Ledger<S> {
         staging: &mut Staging<'a>,
         request: &'a TransferRequest,
     ) -> Result<Outcome, Refusal> {
-        let source = self.balance(staging, &request.source)?;
-        let destination = self.balance(staging, &request.destination)?;
+        let source = self.state(staging, &request.source)?;
+        let destination = self.state(staging, &request.destination)?;
         let amount = request.amount.minor_units();
         let source_after = source
+            .balance
             .checked_sub(amount)
             .filter(|after| *after >= 0)
-            .ok_or(Refusal::InsufficientFunds { balance: source })?;
-        let destination_after = destination
-            .checked_add(amount)
-            .ok_or(Refusal::BalanceLimitExceeded { balance: destination })?;
+            .ok_or(Refusal::InsufficientFunds {
+                balance: source.balance,
+            })?;
+        let destination_after =
+            destination
+                .balance
+                .checked_add(amount)
+                .ok_or(Refusal::BalanceLimitExceeded {
+                    balance: destination.balance,
+                })?;
         let legs = [
             Leg {
                 account: Account::Card(request.source.clone()),
                 amount: -amount,
                 balance_after: source_after,
+                previous_id: source.last_transaction_id,
             },
             Leg {
                 account: Account::Card(request.destination.clone()),
                 amount,
                 balance_after: destination_after,
+                previous_id: destination.last_transaction_id,
             },
         ];
         let id = stage(staging, Kind::Transfer, amount, request.reference.clone(), legs);
-        staging.cards.insert(&request.source, source_after);
-        staging.cards.insert(&request.destination, destination_after);
+        staging.cards.insert(&request.source, after(source_after, id));
+        staging
+            .cards
+            .insert(&request.destination, after(destination_after, id));
         Ok(Outcome::Transferred {
             id,
             source_balance: source_after,
@@ -429,8 +446,8 @@ impl<S: Store> Ledger<S> {
             .sum();
         self.totals.balance_sum += card_delta;
         self.totals.accounts += staging.batch.accounts.len() as i64;
-        for (card, balance) in staging.cards {
-            self.cards.insert(card.clone(), balance);
+        for (card, state) in staging.cards {
+            self.cards.insert(card.clone(), state);
         }
         self.world = staging.world;
         self.next_id = staging.next_id;
@@ -459,6 +476,14 @@ impl<S: Store> Ledger<S> {
             tracing::warn!(%error, "could not re-read balances after a failed commit");
             self.stale = true;
         }
+    }
+}
+
+/// An account's state after a leg of transaction `id`.
+fn after(balance: i64, id: i64) -> AccountState {
+    AccountState {
+        balance,
+        last_transaction_id: Some(id),
     }
 }
 
@@ -538,7 +563,7 @@ mod tests {
     }
 
     fn world(ledger: &Ledger<MemoryStore>) -> i64 {
-        ledger.store.balances[&Account::World]
+        ledger.store.balances[&Account::World].balance
     }
 
     #[test]
@@ -648,7 +673,11 @@ mod tests {
         let mut ledger = ledger(&[(1, 100)]);
         // Another writer deposits 900 behind the ledger's back, noticed before the batch is decided:
         // the withdrawal, refused on the stale 100, passes on the 1,000.
-        ledger.store.balances.insert(Account::Card(card(1)), 1_000);
+        let state = AccountState {
+            balance: 1_000,
+            last_transaction_id: None,
+        };
+        ledger.store.balances.insert(Account::Card(card(1)), state);
         ledger.store.changed = true;
         let report = run(&mut ledger, &[deposit(1, -600)]);
         assert_eq!(
@@ -660,7 +689,11 @@ mod tests {
             }]
         );
         // And between the check and the commit: the store refuses the commit, the batch is decided again.
-        ledger.store.balances.insert(Account::Card(card(1)), 2_000);
+        let state = AccountState {
+            balance: 2_000,
+            last_transaction_id: Some(1),
+        };
+        ledger.store.balances.insert(Account::Card(card(1)), state);
         ledger.store.conflicts = 1;
         let report = run(&mut ledger, &[deposit(1, 1)]);
         assert_eq!(
@@ -875,7 +908,7 @@ mod tests {
                 );
             }
             assert_eq!(world(&ledger), model_world);
-            let total: i64 = ledger.store.balances.values().sum();
+            let total: i64 = ledger.store.balances.values().map(|state| state.balance).sum();
             let opened_total: i64 = opening[..CARDS as usize - 1].iter().map(|(_, b)| b).sum();
             assert_eq!(
                 total, opened_total,
@@ -883,8 +916,19 @@ mod tests {
             );
             assert!(opening_total > opened_total);
         }
+        // Each leg links to its account's previous transaction: the chains are exactly the history.
+        let mut last: HashMap<Account, i64> = HashMap::new();
         for record in &ledger.store.transactions {
             assert_eq!(record.legs[0].amount + record.legs[1].amount, 0);
+            for leg in &record.legs {
+                assert_eq!(
+                    leg.previous_id,
+                    last.get(&leg.account).copied(),
+                    "chain of {:?}",
+                    leg.account
+                );
+                last.insert(leg.account.clone(), record.id);
+            }
         }
         assert!(next_id > 100, "the workload commits something ({next_id})");
     }

@@ -22,7 +22,8 @@ pub(super) struct BatchLimits {
 /// How often a worker prunes expired idempotency keys, busy or idle.
 const PRUNE_PERIOD: Duration = Duration::from_secs(1);
 /// Most idempotency records deleted at once, so that pruning holds up the next batch by a
-/// millisecond or so at most; a backlog is worked off one chunk per period.
+/// millisecond or so at most. While a chunk comes back full there is a backlog, and another chunk
+/// follows every batch until it is gone: pruning keeps up with any rate the engine commits keys at.
 const PRUNE_ROWS_MAX: u32 = 2_000;
 
 /// Runs until the queue is closed (every sender dropped) and empty, so that shutdown commits and
@@ -35,14 +36,15 @@ pub(super) fn run<S: Store>(
 ) {
     let mut batch = Vec::with_capacity(limits.max);
     let mut pruned_at = Instant::now();
+    let mut backlog = false;
     loop {
         let first = match queue.recv_timeout(PRUNE_PERIOD) {
             Ok(job) => Some(job),
             Err(flume::RecvTimeoutError::Timeout) => None,
             Err(flume::RecvTimeoutError::Disconnected) => return,
         };
-        if pruned_at.elapsed() >= PRUNE_PERIOD {
-            prune(&ledger, limits.idempotency_retention);
+        if backlog || pruned_at.elapsed() >= PRUNE_PERIOD {
+            backlog = prune(&ledger, limits.idempotency_retention) == PRUNE_ROWS_MAX as usize;
             pruned_at = Instant::now();
         }
         let Some(first) = first else { continue };
@@ -76,15 +78,22 @@ pub(super) fn run<S: Store>(
     }
 }
 
-/// Deletes one chunk of idempotency records older than the retention.
-fn prune<S: Store>(ledger: &Mutex<Ledger<S>>, retention: Duration) {
-    let Ok(mut ledger) = ledger.lock() else { return };
+/// Deletes one chunk of idempotency records older than the retention; returns how many.
+fn prune<S: Store>(ledger: &Mutex<Ledger<S>>, retention: Duration) -> usize {
+    let Ok(mut ledger) = ledger.lock() else { return 0 };
     let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
     let before = crate::unix_ms_now().saturating_sub(retention_ms);
     match ledger.prune_idempotency(before, PRUNE_ROWS_MAX) {
-        Ok(0) => {}
-        Ok(rows) => tracing::debug!(rows, "pruned expired idempotency keys"),
-        Err(error) => tracing::warn!(%error, "pruning idempotency keys failed; the next period retries"),
+        Ok(rows) => {
+            if rows > 0 {
+                tracing::debug!(rows, "pruned expired idempotency keys");
+            }
+            rows
+        }
+        Err(error) => {
+            tracing::warn!(%error, "pruning idempotency keys failed; the next period retries");
+            0
+        }
     }
 }
 

@@ -83,6 +83,14 @@ impl Route {
         }
     }
 
+    /// The label of a `POST` route, from its path.
+    fn of_post(path: &str) -> &'static str {
+        [Route::Transaction, Route::Transfers, Route::Accounts]
+            .into_iter()
+            .find(|route| route.pattern() == path)
+            .map_or("other", Route::pattern)
+    }
+
     fn is_post(self) -> bool {
         matches!(self, Route::Transaction | Route::Transfers | Route::Accounts)
     }
@@ -187,14 +195,19 @@ where
 {
     let started = Instant::now();
     let mut kind = "unknown";
-    let counted = request.uri().path() != "/accounts";
+    let mut replayed = false;
+    let route = request.uri().path().to_owned();
     let result = async {
-        let key = decode::idempotency_key(
-            request
-                .headers()
-                .get("idempotency-key")
-                .map(HeaderValue::as_bytes),
-        )?;
+        let mut keys = request.headers().get_all("idempotency-key").iter();
+        let key = keys.next().map(HeaderValue::as_bytes);
+        if keys.next().is_some() {
+            // With two, a retry, a proxy or a log may each go by another one.
+            return Err(ApiError::new(
+                ErrorCode::InvalidIdempotencyKey,
+                "send one Idempotency-Key header, not several",
+            ));
+        }
+        let key = decode::idempotency_key(key)?;
         let body = read_body(app, request).await?;
         let command = decode(&body)?;
         kind = match &command {
@@ -208,7 +221,7 @@ where
         let outcome = answer
             .await
             .map_err(|_| ApiError::new(ErrorCode::Internal, "the command's worker stopped"))?;
-        let replayed = matches!(outcome, Outcome::Replayed(_));
+        replayed = matches!(outcome, Outcome::Replayed(_));
         let (status, body) = outcome_result(&command, &outcome)?;
         let mut response = bytes_response(status, body);
         if replayed {
@@ -224,7 +237,10 @@ where
         Ok(response) => (OutcomeLabel::Rejected, response),
         Err(error) => (error.outcome_label(), error.into_response()),
     };
-    if counted {
+    if replayed {
+        // A replay moved nothing: it is counted apart, never as a commit or a refusal.
+        telemetry::record_replay(Route::of_post(&route));
+    } else if route != "/accounts" {
         let latency = started.elapsed();
         app.analytics.record(label, latency);
         telemetry::record_transaction(kind, label, latency);
@@ -310,18 +326,29 @@ fn card_not_found(card: &str) -> ApiError {
     )
 }
 
-/// The first value of query parameter `name`.
-fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    decode::query_pairs(query).find_map(|(key, value)| (key == name).then_some(value))
+/// The value of query parameter `name`, if given; given twice, it is refused (a proxy or a log that
+/// reads the other one would see another request than the one answered).
+fn query_value<'a>(query: Option<&'a str>, name: &str) -> Result<Option<&'a str>, ApiError> {
+    let mut values = decode::query_pairs(query)
+        .filter(|(key, _)| *key == name)
+        .map(|(_, value)| value);
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidParameter,
+            format!("the query parameter {name} is given more than once"),
+        ));
+    }
+    Ok(first)
 }
 
 /// `GET /balance?card_number=...[&at=UNIX_MS]`: a committed balance, now or as of a moment.
 async fn balance(app: &App, query: Option<&str>) -> HttpResponse {
     let result = async {
-        let text = query_value(query, "card_number")
+        let text = query_value(query, "card_number")?
             .ok_or_else(|| ApiError::new(ErrorCode::MissingField, "give the card as ?card_number=..."))?;
         let card = decode::card_parameter(text, decode::Part::Query)?;
-        let at = query_value(query, "at")
+        let at = query_value(query, "at")?
             .map(|at| decode::id_parameter("at", at))
             .transpose()?;
         let lookup = card.clone();
@@ -355,7 +382,7 @@ async fn account(app: &App, card: &str) -> HttpResponse {
 async fn entries(app: &App, card: &str, query: Option<&str>) -> HttpResponse {
     let result = async {
         let card = decode::card_parameter(card, decode::Part::Path)?;
-        let limit = match query_value(query, "limit") {
+        let limit = match query_value(query, "limit")? {
             None => ENTRIES_LIMIT_DEFAULT,
             Some(text) => {
                 let limit = decode::id_parameter("limit", text)
@@ -370,7 +397,7 @@ async fn entries(app: &App, card: &str, query: Option<&str>) -> HttpResponse {
                 limit as u32
             }
         };
-        let cursor = query_value(query, "starting_after")
+        let cursor = query_value(query, "starting_after")?
             .map(|text| decode::id_parameter("starting_after", text))
             .transpose()?;
         let lookup = card.clone();
@@ -404,7 +431,7 @@ async fn transaction_by_id(app: &App, id: &str) -> HttpResponse {
 /// its answer. The key is percent-decoded, as a query string's values are.
 async fn transaction_by_key(app: &App, query: Option<&str>) -> HttpResponse {
     let result = async {
-        let text = query_value(query, "idempotency_key").ok_or_else(|| {
+        let text = query_value(query, "idempotency_key")?.ok_or_else(|| {
             ApiError::new(ErrorCode::MissingField, "give the key as ?idempotency_key=...")
         })?;
         let bytes = decode::percent_decode(text, decode::Part::Query)

@@ -4,12 +4,14 @@
 
 use std::collections::HashMap;
 
-use super::{Batch, IdempotencyKey, LedgerState, Store, StoreError, StoredAnswer, TransactionRecord};
+use super::{
+    AccountState, Batch, IdempotencyKey, LedgerState, Store, StoreError, StoredAnswer, TransactionRecord,
+};
 use crate::domain::{Account, CardNumber};
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    pub balances: HashMap<Account, i64>,
+    pub balances: HashMap<Account, AccountState>,
     /// Every committed transaction, in commit order.
     pub transactions: Vec<TransactionRecord>,
     /// Idempotency records by (scope, key), with their creation time.
@@ -26,11 +28,19 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     pub fn with_accounts(accounts: impl IntoIterator<Item = (CardNumber, i64)>) -> Self {
-        let mut balances: HashMap<Account, i64> = accounts
+        let mut balances: HashMap<Account, AccountState> = accounts
             .into_iter()
-            .map(|(card, balance)| (Account::Card(card), balance))
+            .map(|(card, balance)| {
+                (
+                    Account::Card(card),
+                    AccountState {
+                        balance,
+                        last_transaction_id: None,
+                    },
+                )
+            })
             .collect();
-        balances.insert(Account::World, 0);
+        balances.insert(Account::World, AccountState::default());
         Self {
             balances,
             ..Self::default()
@@ -38,7 +48,9 @@ impl MemoryStore {
     }
 
     pub fn card_balance(&self, card: &CardNumber) -> Option<i64> {
-        self.balances.get(&Account::Card(card.clone())).copied()
+        self.balances
+            .get(&Account::Card(card.clone()))
+            .map(|state| state.balance)
     }
 }
 
@@ -82,11 +94,16 @@ impl Store for MemoryStore {
             return Err(StoreError::Conflict("changed by another writer".into()));
         }
         for account in &batch.accounts {
-            self.balances.insert(Account::Card(account.card.clone()), 0);
+            self.balances
+                .insert(Account::Card(account.card.clone()), AccountState::default());
         }
         for record in &batch.transactions {
             for leg in &record.legs {
-                self.balances.insert(leg.account.clone(), leg.balance_after);
+                let state = AccountState {
+                    balance: leg.balance_after,
+                    last_transaction_id: Some(record.id),
+                };
+                self.balances.insert(leg.account.clone(), state);
             }
             self.transactions.push(record.clone());
         }

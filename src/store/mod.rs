@@ -25,15 +25,26 @@ use serde::Serialize;
 
 use crate::domain::{Account, CardNumber, IdempotencyKey, Kind, Reference};
 
+/// One account's committed state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccountState {
+    pub balance: i64,
+    /// The account's last transaction: the head of its chain (`None` before its first).
+    pub last_transaction_id: Option<i64>,
+}
+
 /// What the engine needs at start-up (and after a failed commit) to decide batches without reads.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LedgerState {
-    /// Every card account and its committed balance.
-    pub cards: Vec<(CardNumber, i64)>,
-    /// The outside world's balance: minus everything ever deposited net of withdrawals.
-    pub world: i64,
+    /// Every card account and its committed state.
+    pub cards: Vec<(CardNumber, AccountState)>,
+    /// The outside world's: its balance is minus everything ever deposited net of withdrawals.
+    pub world: AccountState,
     /// The id the next committed transaction gets (ids are assigned by the one writer, in order).
     pub next_transaction_id: i64,
+    /// When the last committed transaction was made: new ones are never dated earlier, so that ids
+    /// and times agree even if the clock stepped back across a restart.
+    pub last_at_unix_ms: i64,
 }
 
 /// One side of a transaction: the account, its signed change, and its balance afterwards.
@@ -44,6 +55,8 @@ pub struct Leg {
     pub amount: i64,
     /// The account's balance after this leg (and after every earlier leg of the batch).
     pub balance_after: i64,
+    /// The account's transaction before this one (`None` for its first): its chain's next link.
+    pub previous_id: Option<i64>,
 }
 
 /// A committed movement: `amount` from `source` to `destination`, as two legs.

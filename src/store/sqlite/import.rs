@@ -285,21 +285,14 @@ fn write(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute_batch(schema::SCHEMA)?;
     let mut running: Vec<i64> = openings.iter().map(|(opening, _)| *opening).collect();
-    let mut world: i64 = 0;
+    let mut last: Vec<Option<i64>> = vec![None; cards.len()];
+    let (mut world, mut world_last): (i64, Option<i64>) = (0, None);
     {
-        let mut account = tx.prepare(
-            "INSERT INTO ledger_accounts (name, opening_balance, created_at_ms) VALUES (?1, ?2, ?3)",
-        )?;
-        let first_at = history.first().map_or(now_ms, |row| row.at_ms);
-        for (card, (opening, _)) in cards.iter().zip(&openings) {
-            account.execute(params![card.as_str(), opening, first_at])?;
-        }
         let mut transaction = tx.prepare(
-            "INSERT INTO transactions (id, kind, source, destination, amount, reference, created_at_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?;
-        let mut entry = tx.prepare(
-            "INSERT INTO entries (account, transaction_id, amount, balance_after) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO transactions (id, kind, amount, \
+             source, source_amount, source_balance_after, source_previous_id, \
+             destination, destination_amount, destination_balance_after, destination_previous_id, \
+             reference, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )?;
         let overflow = || unusable("a running balance beyond i64".into());
         let mut post = |id: i64,
@@ -310,24 +303,32 @@ fn write(
                         at: i64|
          -> Result<(), StoreError> {
             let name = cards[card].as_str();
+            running[card] = running[card].checked_add(amount).ok_or_else(overflow)?;
+            world = world.checked_sub(amount).ok_or_else(overflow)?;
+            let card_leg = (name, amount, running[card], last[card]);
+            let world_leg = (WORLD_ACCOUNT, -amount, world, world_last);
             let (source, destination) = if amount > 0 {
-                (WORLD_ACCOUNT, name)
+                (world_leg, card_leg)
             } else {
-                (name, WORLD_ACCOUNT)
+                (card_leg, world_leg)
             };
             transaction.execute(params![
                 id,
                 kind,
-                source,
-                destination,
                 amount.abs(),
+                source.0,
+                source.1,
+                source.2,
+                source.3,
+                destination.0,
+                destination.1,
+                destination.2,
+                destination.3,
                 reference,
                 at
             ])?;
-            running[card] = running[card].checked_add(amount).ok_or_else(overflow)?;
-            world = world.checked_sub(amount).ok_or_else(overflow)?;
-            entry.execute(params![name, id, amount, running[card]])?;
-            entry.execute(params![WORLD_ACCOUNT, id, -amount, world])?;
+            last[card] = Some(id);
+            world_last = Some(id);
             Ok(())
         };
         for row in history {
@@ -352,6 +353,26 @@ fn write(
             report.adjusted_accounts += 1;
             report.adjusted_total += i128::from(*adjustment).abs();
         }
+    }
+    {
+        let mut account = tx.prepare(
+            "INSERT INTO ledger_accounts (name, opening_balance, balance, last_transaction_id, created_at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let first_at = history.first().map_or(now_ms, |row| row.at_ms);
+        for (i, card) in cards.iter().enumerate() {
+            account.execute(params![
+                card.as_str(),
+                openings[i].0,
+                running[i],
+                last[i],
+                first_at
+            ])?;
+        }
+        tx.execute(
+            "UPDATE ledger_accounts SET balance = ?1, last_transaction_id = ?2 WHERE name = ?3",
+            params![world, world_last, WORLD_ACCOUNT],
+        )?;
     }
     for (card, balance) in running.iter().zip(balances) {
         debug_assert_eq!(card, balance, "every account ends at its imported balance");

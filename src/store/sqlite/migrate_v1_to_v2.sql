@@ -1,24 +1,46 @@
 -- Upgrade a version-1 database (accounts with balances, a journal of signed amounts) to version 2. tallyd
--- runs, in one transaction: the renames in sqlite.rs (V1_SET_ASIDE), src/store/schema.sql, then this file:
+-- runs, in one transaction: the renames in schema.rs (V1_SET_ASIDE), src/store/schema.sql, then this file:
 -- every journal row becomes a deposit or a withdrawal between its card and '@world' with the same id, time
--- and balance_after; then the old tables go. tallyd checks the version-1 invariants first.
+-- and balance_after, linked into both accounts' chains; then the old tables go. tallyd checks the version-1 invariants first.
 
-INSERT INTO ledger_accounts (name, opening_balance, created_at_ms)
-SELECT card_number, opening_balance, CAST(unixepoch('subsec') * 1000 AS INTEGER) FROM v1_accounts;
+INSERT INTO ledger_accounts (name, opening_balance, balance, last_transaction_id, created_at_ms)
+SELECT a.card_number, a.opening_balance, a.balance,
+       (SELECT max(j.id) FROM v1_journal j WHERE j.card_number = a.card_number),
+       -- Version 1 kept no opening time: the account's first transaction's, or the upgrade's.
+       coalesce((SELECT min(j.created_at_ms) FROM v1_journal j WHERE j.card_number = a.card_number),
+                CAST(unixepoch('subsec') * 1000 AS INTEGER))
+FROM v1_accounts a;
 
-INSERT INTO transactions (id, kind, source, destination, amount, reference, idempotency_key, created_at_ms)
-SELECT id,
-       CASE WHEN amount > 0 THEN 'deposit' ELSE 'withdrawal' END,
-       CASE WHEN amount > 0 THEN '@world' ELSE card_number END,
-       CASE WHEN amount > 0 THEN card_number ELSE '@world' END,
-       abs(amount), NULL, NULL, created_at_ms
+-- Each journal row with the chains it joins: its card's previous row, and the outside world's (every row).
+CREATE TEMP TABLE v1_legs AS
+SELECT id, card_number, amount, balance_after, created_at_ms,
+       LAG(id) OVER (PARTITION BY card_number ORDER BY id) AS card_previous_id,
+       LAG(id) OVER (ORDER BY id) AS world_previous_id,
+       -SUM(amount) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS world_balance_after
 FROM v1_journal;
 
-INSERT INTO entries (account, transaction_id, amount, balance_after)
-SELECT card_number, id, amount, balance_after FROM v1_journal;
+INSERT INTO transactions (id, kind, amount,
+                          source, source_amount, source_balance_after, source_previous_id,
+                          destination, destination_amount, destination_balance_after, destination_previous_id,
+                          reference, idempotency_key, created_at_ms)
+SELECT id, 'deposit', amount,
+       '@world', -amount, world_balance_after, world_previous_id,
+       card_number, amount, balance_after, card_previous_id,
+       NULL, NULL, created_at_ms
+FROM v1_legs WHERE amount > 0
+UNION ALL
+SELECT id, 'withdrawal', -amount,
+       card_number, amount, balance_after, card_previous_id,
+       '@world', -amount, world_balance_after, world_previous_id,
+       NULL, NULL, created_at_ms
+FROM v1_legs WHERE amount < 0
+ORDER BY 1;
 
-INSERT INTO entries (account, transaction_id, amount, balance_after)
-SELECT '@world', id, -amount, -SUM(amount) OVER (ORDER BY id) FROM v1_journal;
+UPDATE ledger_accounts
+SET balance = coalesce((SELECT -SUM(amount) FROM v1_journal), 0),
+    last_transaction_id = (SELECT max(id) FROM v1_journal)
+WHERE name = '@world';
 
+DROP TABLE v1_legs;
 DROP TABLE v1_journal;
 DROP TABLE v1_accounts;

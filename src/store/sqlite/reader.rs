@@ -4,32 +4,53 @@
 use std::path::Path;
 
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use crate::config::limits;
 use crate::domain::{CardNumber, IdempotencyKey, Kind};
 use crate::store::{AccountView, EntriesPage, EntryView, LegView, Reader, StoreError, TransactionView};
 
-/// A card's balance now: its last entry's, or its opening balance before any.
-const SELECT_BALANCE: &str = "SELECT coalesce((SELECT e.balance_after FROM entries e \
-     WHERE e.account = a.name ORDER BY e.transaction_id DESC LIMIT 1), a.opening_balance), a.created_at_ms \
-     FROM ledger_accounts a WHERE a.name = ?1";
-/// A card's balance as of a moment: its last entry committed at or before it.
-const SELECT_BALANCE_AT: &str = "SELECT coalesce((SELECT e.balance_after FROM entries e \
-     JOIN transactions t ON t.id = e.transaction_id \
-     WHERE e.account = a.name AND t.created_at_ms <= ?2 ORDER BY e.transaction_id DESC LIMIT 1), \
-     a.opening_balance) FROM ledger_accounts a WHERE a.name = ?1";
-const SELECT_TRANSACTION: &str = "SELECT kind, source, destination, amount, reference, idempotency_key, \
-     created_at_ms FROM transactions WHERE id = ?1";
-const SELECT_LEG: &str =
-    "SELECT amount, balance_after FROM entries WHERE account = ?1 AND transaction_id = ?2";
+/// A card's balance now, and when its account was opened.
+const SELECT_ACCOUNT: &str =
+    "SELECT balance, created_at_ms, opening_balance, last_transaction_id FROM ledger_accounts WHERE name = ?1";
+const SELECT_TRANSACTION: &str = "SELECT kind, amount, source, source_amount, source_balance_after, \
+     source_previous_id, destination, destination_amount, destination_balance_after, destination_previous_id, \
+     reference, idempotency_key, created_at_ms FROM transactions WHERE id = ?1";
 /// Keys are scoped per route; a lookup by key alone searches the routes that move money.
 const SELECT_TRANSACTION_BY_KEY: &str = "SELECT transaction_id FROM idempotency_keys \
      WHERE scope IN ('/transaction', '/transfers') AND idempotency_key = ?1 AND transaction_id IS NOT NULL \
      ORDER BY created_at_ms DESC LIMIT 1";
-const SELECT_ENTRIES: &str = "SELECT e.transaction_id, t.kind, e.amount, e.balance_after, t.source, \
-     t.destination, t.created_at_ms FROM entries e JOIN transactions t ON t.id = e.transaction_id \
-     WHERE e.account = ?1 AND e.transaction_id < ?2 ORDER BY e.transaction_id DESC LIMIT ?3";
+
+/// One transaction as stored.
+struct Row {
+    kind: String,
+    amount: i64,
+    legs: [StoredLeg; 2],
+    reference: Option<String>,
+    idempotency_key: Option<String>,
+    created_at_ms: i64,
+}
+
+struct StoredLeg {
+    account: String,
+    amount: i64,
+    balance_after: i64,
+    previous_id: Option<i64>,
+}
+
+impl Row {
+    /// The leg of `account`, and the other leg's account.
+    fn side(&self, account: &str) -> Option<(&StoredLeg, &str)> {
+        let [source, destination] = &self.legs;
+        if source.account == account {
+            Some((source, &destination.account))
+        } else if destination.account == account {
+            Some((destination, &source.account))
+        } else {
+            None
+        }
+    }
+}
 
 /// A pool of read-only connections.
 pub struct SqliteReader {
@@ -70,76 +91,122 @@ fn kind_of(text: &str) -> &'static str {
     Kind::parse(text).map_or("unknown", Kind::as_str)
 }
 
-fn read_transaction(conn: &Connection, id: i64) -> rusqlite::Result<Option<TransactionView>> {
-    let mut stmt = conn.prepare_cached(SELECT_TRANSACTION)?;
-    let row = stmt
+fn read_row(conn: &Connection, id: i64) -> rusqlite::Result<Option<Row>> {
+    conn.prepare_cached(SELECT_TRANSACTION)?
         .query_row([id], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, i64>(3)?,
-                row.get::<_, Option<String>>(4)?,
-                row.get::<_, Option<String>>(5)?,
-                row.get::<_, i64>(6)?,
-            ))
+            let leg = |at: usize| -> rusqlite::Result<StoredLeg> {
+                Ok(StoredLeg {
+                    account: row.get(at)?,
+                    amount: row.get(at + 1)?,
+                    balance_after: row.get(at + 2)?,
+                    previous_id: row.get(at + 3)?,
+                })
+            };
+            Ok(Row {
+                kind: row.get(0)?,
+                amount: row.get(1)?,
+                legs: [leg(2)?, leg(6)?],
+                reference: row.get(10)?,
+                idempotency_key: row.get(11)?,
+                created_at_ms: row.get(12)?,
+            })
         })
-        .optional()?;
-    let Some((kind, source, destination, amount, reference, idempotency_key, created_at_ms)) = row else {
-        return Ok(None);
-    };
-    let mut leg = conn.prepare_cached(SELECT_LEG)?;
-    let mut legs = Vec::with_capacity(2);
-    for account in [source, destination] {
-        if let Some((amount, balance_after)) = leg
-            .query_row(params![account, id], |row| Ok((row.get(0)?, row.get(1)?)))
-            .optional()?
-        {
-            legs.push(LegView {
-                card_number: account,
-                amount,
-                balance_after,
-            });
+        .optional()
+}
+
+fn read_transaction(conn: &Connection, id: i64) -> rusqlite::Result<Option<TransactionView>> {
+    Ok(read_row(conn, id)?.map(|row| TransactionView {
+        id,
+        kind: kind_of(&row.kind),
+        amount: row.amount,
+        legs: row
+            .legs
+            .iter()
+            .map(|leg| LegView {
+                card_number: leg.account.clone(),
+                amount: leg.amount,
+                balance_after: leg.balance_after,
+            })
+            .collect(),
+        reference: row.reference,
+        idempotency_key: row.idempotency_key,
+        created_at_ms: row.created_at_ms,
+    }))
+}
+
+/// What a statement needs of an account: its opening balance and the head of its chain.
+struct Head {
+    balance: i64,
+    created_at_ms: i64,
+    opening_balance: i64,
+    last_transaction_id: Option<i64>,
+}
+
+fn read_head(conn: &Connection, card: &CardNumber) -> rusqlite::Result<Option<Head>> {
+    conn.prepare_cached(SELECT_ACCOUNT)?
+        .query_row([card.as_str()], |row| {
+            Ok(Head {
+                balance: row.get(0)?,
+                created_at_ms: row.get(1)?,
+                opening_balance: row.get(2)?,
+                last_transaction_id: row.get(3)?,
+            })
+        })
+        .optional()
+}
+
+/// Walks `account`'s chain from transaction `next` towards older ones, calling `visit` with each of
+/// its transactions until it says stop. A link to a transaction that does not name the account (only
+/// possible in a database edited by hand) ends the walk.
+fn walk(
+    conn: &Connection,
+    account: &str,
+    mut next: Option<i64>,
+    mut visit: impl FnMut(i64, &Row) -> bool,
+) -> rusqlite::Result<()> {
+    while let Some(id) = next {
+        let Some(row) = read_row(conn, id)? else { break };
+        let Some((leg, _)) = row.side(account) else { break };
+        next = leg.previous_id;
+        if !visit(id, &row) {
+            break;
         }
     }
-    Ok(Some(TransactionView {
-        id,
-        kind: kind_of(&kind),
-        amount,
-        reference,
-        created_at_ms,
-        legs,
-        idempotency_key,
-    }))
+    Ok(())
 }
 
 impl Reader for SqliteReader {
     fn balance(&self, card: &CardNumber, at_unix_ms: Option<i64>) -> Result<Option<i64>, StoreError> {
-        self.snapshot(|conn| match at_unix_ms {
-            None => conn
-                .prepare_cached(SELECT_BALANCE)?
-                .query_row([card.as_str()], |row| row.get(0))
-                .optional(),
-            Some(at) => conn
-                .prepare_cached(SELECT_BALANCE_AT)?
-                .query_row(params![card.as_str(), at], |row| row.get(0))
-                .optional(),
+        self.snapshot(|conn| {
+            let Some(head) = read_head(conn, card)? else {
+                return Ok(None);
+            };
+            let Some(at) = at_unix_ms else {
+                return Ok(Some(head.balance));
+            };
+            // The last leg committed at or before `at`; before any, the opening balance.
+            let mut balance = head.opening_balance;
+            walk(conn, card.as_str(), head.last_transaction_id, |_, row| {
+                if row.created_at_ms <= at {
+                    balance = row
+                        .side(card.as_str())
+                        .map_or(balance, |(leg, _)| leg.balance_after);
+                    return false;
+                }
+                true
+            })?;
+            Ok(Some(balance))
         })
     }
 
     fn account(&self, card: &CardNumber) -> Result<Option<AccountView>, StoreError> {
         self.snapshot(|conn| {
-            conn.prepare_cached(SELECT_BALANCE)?
-                .query_row([card.as_str()], |row| {
-                    let balance: i64 = row.get(0)?;
-                    Ok(AccountView {
-                        card_number: card.as_str().to_owned(),
-                        balance,
-                        available: balance,
-                        created_at_ms: row.get(1)?,
-                    })
-                })
-                .optional()
+            Ok(read_head(conn, card)?.map(|head| AccountView {
+                card_number: card.as_str().to_owned(),
+                balance: head.balance,
+                available: head.balance,
+                created_at_ms: head.created_at_ms,
+            }))
         })
     }
 
@@ -166,41 +233,45 @@ impl Reader for SqliteReader {
         limit: u32,
         starting_after: Option<i64>,
     ) -> Result<Option<EntriesPage>, StoreError> {
+        let account = card.as_str();
         self.snapshot(|conn| {
-            let exists = conn
-                .prepare_cached(SELECT_BALANCE)?
-                .query_row([card.as_str()], |_| Ok(()))
-                .optional()?;
-            if exists.is_none() {
+            let Some(head) = read_head(conn, card)? else {
                 return Ok(None);
+            };
+            // Where the page starts: right after the cursor when it is one of this account's
+            // transactions (one lookup), else after the newest one older than it (a walk).
+            let mut start = head.last_transaction_id;
+            if let Some(cursor) = starting_after {
+                match read_row(conn, cursor)?.as_ref().and_then(|row| row.side(account)) {
+                    Some((leg, _)) => start = leg.previous_id,
+                    None => {
+                        let mut first_older = None;
+                        walk(conn, account, head.last_transaction_id, |id, _| {
+                            if id < cursor {
+                                first_older = Some(id);
+                                return false;
+                            }
+                            true
+                        })?;
+                        start = first_older;
+                    }
+                }
             }
-            let mut stmt = conn.prepare_cached(SELECT_ENTRIES)?;
-            // One more than asked, to know whether there is a next page.
-            let rows = stmt.query_map(
-                params![
-                    card.as_str(),
-                    starting_after.unwrap_or(i64::MAX),
-                    i64::from(limit) + 1
-                ],
-                |row| {
-                    let source: String = row.get(4)?;
-                    let destination: String = row.get(5)?;
-                    let counterparty = if source == card.as_str() {
-                        destination
-                    } else {
-                        source
-                    };
-                    Ok(EntryView {
-                        id: row.get(0)?,
-                        kind: kind_of(&row.get::<_, String>(1)?),
-                        amount: row.get(2)?,
-                        balance_after: row.get(3)?,
-                        counterparty,
-                        created_at_ms: row.get(6)?,
-                    })
-                },
-            )?;
-            let mut data: Vec<EntryView> = rows.collect::<Result<_, _>>()?;
+            let wanted = limit as usize + 1; // one more than asked, to know whether there is a next page
+            let mut data = Vec::with_capacity(wanted);
+            walk(conn, account, start, |id, row| {
+                if let Some((leg, counterparty)) = row.side(account) {
+                    data.push(EntryView {
+                        id,
+                        kind: kind_of(&row.kind),
+                        amount: leg.amount,
+                        balance_after: leg.balance_after,
+                        counterparty: counterparty.to_owned(),
+                        created_at_ms: row.created_at_ms,
+                    });
+                }
+                data.len() < wanted
+            })?;
             let has_more = data.len() > limit as usize;
             data.truncate(limit as usize);
             Ok(Some(EntriesPage { data, has_more }))
