@@ -648,7 +648,6 @@ async fn keyed_retries_after_queue_full_take_effect_once() {
 /// replays of it, `/stats` and `tallyd_transactions_total` count one committed transaction (and a
 /// replayed refusal is not a second refusal).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: see notes"]
 async fn replays_are_not_counted_as_commits() {
     let server = Server::start(&[]);
     let mut client = server.client().await;
@@ -694,7 +693,6 @@ async fn replays_are_not_counted_as_commits() {
 /// Two `Idempotency-Key` headers are two keys for one request: which one a proxy, a log or a retry
 /// library means is anyone's guess, so the request is refused (as a malformed key) and moves nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: see notes"]
 async fn two_idempotency_key_headers_are_refused() {
     let server = Server::start(&[]);
     let mut client = server.client().await;

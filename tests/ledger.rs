@@ -872,7 +872,6 @@ async fn paging_a_statement_while_transfers_commit_misses_and_repeats_nothing() 
 /// A query parameter given twice is ambiguous (a proxy or a log may read the other value), and the
 /// decoder says such a query "is refused by the caller", as a JSON body's duplicate key is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: see notes"]
 async fn a_query_parameter_given_twice_is_refused() {
     let server = Server::start(&[]);
     let mut client = server.client().await;

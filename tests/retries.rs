@@ -315,7 +315,6 @@ fn check_exactly_once(server: &Server, cards: &[(String, i64)], states: &[Client
 /// back): SIGTERM then must still be the clean shutdown (drain, commit, exit 0), never the
 /// default disposition of an uninstalled handler.
 #[test]
-#[ignore = "bug: see notes"]
 fn a_sigterm_right_after_listening_is_a_clean_shutdown() {
     const STARTS: usize = 20;
     let dir = tempfile::tempdir().unwrap();

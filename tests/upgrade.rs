@@ -331,7 +331,6 @@ fn an_empty_file_stamped_with_a_newer_version_is_refused_untouched() {
 /// An upgraded account cannot have been opened after its own history: version 1 kept no opening
 /// time, so whatever the upgrade picks must not be later than the account's first journal row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: see notes"]
 async fn an_upgraded_account_is_not_created_after_its_own_history() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("users.db");
