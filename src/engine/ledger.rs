@@ -138,8 +138,10 @@ struct Staging<'a> {
     opened: HashSet<&'a CardNumber>,
     world: AccountState,
     next_id: i64,
-    /// Keys used earlier in this batch, with the answer they got.
+    /// Keys used before (found in the store) or earlier in this batch, with the answer they got.
     keys: HashMap<(&'static str, &'a IdempotencyKey), StoredAnswer>,
+    /// The store could not say which keys were used: every keyed command fails, nothing decided.
+    keys_unknown: bool,
 }
 
 impl<S: Store> Ledger<S> {
@@ -245,8 +247,29 @@ impl<S: Store> Ledger<S> {
             world: self.world,
             next_id: self.next_id,
             keys: HashMap::new(),
+            keys_unknown: false,
         };
+        let commands: Vec<(&'a Command, Option<&'a IdempotencyKey>)> = commands.collect();
+        let wanted: Vec<(&'static str, &'a IdempotencyKey)> = commands
+            .iter()
+            .filter_map(|(command, key)| key.map(|key| (command.scope(), key)))
+            .collect();
+        let wanted_refs: Vec<(&str, &IdempotencyKey)> = wanted.iter().map(|(s, k)| (*s, *k)).collect();
+        match self.store.idempotent_answers(&wanted_refs) {
+            Ok(found) => {
+                for (scoped, answer) in wanted.into_iter().zip(found) {
+                    if let Some(answer) = answer {
+                        staging.keys.insert(scoped, answer);
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "looking up idempotency keys failed");
+                staging.keys_unknown = true;
+            }
+        }
         let outcomes = commands
+            .into_iter()
             .map(|(command, key)| self.decide_keyed(&mut staging, command, key))
             .collect();
         (outcomes, staging)
@@ -262,17 +285,11 @@ impl<S: Store> Ledger<S> {
         let Some(key) = key else {
             return self.execute(staging, command);
         };
+        if staging.keys_unknown {
+            return Outcome::StorageFailed;
+        }
         let scope = command.scope();
-        let earlier = match staging.keys.get(&(scope, key)) {
-            Some(answer) => Some(answer.clone()),
-            None => match self.store.idempotent_answer(scope, key) {
-                Ok(found) => found,
-                Err(error) => {
-                    tracing::error!(%error, "looking up an idempotency key failed");
-                    return Outcome::StorageFailed;
-                }
-            },
-        };
+        let earlier = staging.keys.get(&(scope, key)).cloned();
         let fingerprint = command.fingerprint();
         if let Some(answer) = earlier {
             return if answer.fingerprint == fingerprint {

@@ -74,15 +74,18 @@ impl Store for MemoryStore {
         Ok(self.changed)
     }
 
-    fn idempotent_answer(
+    fn idempotent_answers(
         &mut self,
-        scope: &str,
-        key: &IdempotencyKey,
-    ) -> Result<Option<StoredAnswer>, StoreError> {
-        Ok(self
-            .idempotency
-            .get(&(scope.to_owned(), key.as_str().to_owned()))
-            .map(|(stored, _)| stored.clone()))
+        keys: &[(&str, &IdempotencyKey)],
+    ) -> Result<Vec<Option<StoredAnswer>>, StoreError> {
+        Ok(keys
+            .iter()
+            .map(|(scope, key)| {
+                self.idempotency
+                    .get(&(scope.to_string(), key.as_str().to_owned()))
+                    .map(|(stored, _)| stored.clone())
+            })
+            .collect())
     }
 
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {

@@ -165,12 +165,12 @@ pub trait Store: Send + 'static {
     /// batch so that even a batch that writes nothing is decided on current state.
     fn changed_outside(&mut self) -> Result<bool, StoreError>;
 
-    /// The answer stored under `key` on `scope`, if the key was used and not yet pruned.
-    fn idempotent_answer(
+    /// The answer stored under each (scope, key), if the key was used and not yet pruned, in the
+    /// order asked: a batch asks for all of its keys at once, in one read transaction.
+    fn idempotent_answers(
         &mut self,
-        scope: &str,
-        key: &IdempotencyKey,
-    ) -> Result<Option<StoredAnswer>, StoreError>;
+        keys: &[(&str, &IdempotencyKey)],
+    ) -> Result<Vec<Option<StoredAnswer>>, StoreError>;
 
     /// Writes the whole batch in one transaction and makes it durable as configured. All or
     /// nothing: on `Err` nothing changed (except for `OutcomeUnknown`, after which the caller
