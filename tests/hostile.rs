@@ -192,6 +192,51 @@ fn body_cases() -> Vec<Case> {
             Json(400, "invalid_card_number"),
         ),
         case(
+            "a grouped card with two spaces in a row",
+            post_json(&with_card(br#""6219  8619 0042 8640""#)),
+            Json(400, "invalid_card_number"),
+        ),
+        case(
+            "a grouped card with spaces and dashes mixed",
+            post_json(&with_card(br#""6219 8619-0042 8640""#)),
+            Json(400, "invalid_card_number"),
+        ),
+        case(
+            "a grouped card with a leading space",
+            post_json(&with_card(br#"" 6219861900428640""#)),
+            Json(400, "invalid_card_number"),
+        ),
+        case(
+            "a grouped card with a trailing dash",
+            post_json(&with_card(br#""6219861900428640-""#)),
+            Json(400, "invalid_card_number"),
+        ),
+        case(
+            "a card grouped by tabs",
+            post_json(&with_card(br#""6219\t8619\t0042\t8640""#)),
+            Json(400, "invalid_card_number"),
+        ),
+        case(
+            "a card grouped by underscores",
+            post_json(&with_card(br#""6219_8619_0042_8640""#)),
+            Json(400, "invalid_card_number"),
+        ),
+        case(
+            "a card grouped by a non-breaking space",
+            post_json(&with_card(br#""6219\u00a08619\u00a00042\u00a08640""#)),
+            Json(400, "invalid_card_number"),
+        ),
+        case(
+            "20 digits in groups",
+            post_json(&with_card(br#""6219 8619 0042 8640 1234""#)),
+            Json(400, "invalid_card_number"),
+        ),
+        case(
+            "5 digits in groups",
+            post_json(&with_card(br#""12 345""#)),
+            Json(400, "invalid_card_number"),
+        ),
+        case(
             "10,000 unclosed brackets",
             post_json("[".repeat(10_000).as_bytes()),
             Json(400, "invalid_json"),
