@@ -16,12 +16,8 @@ wrk.headers["Content-Type"] = "application/json"
 local AMOUNT_MAX = 5000
 local ZIPF_S = 1.0
 
-local threads = {}
-
-function setup(thread)
-   thread:set("id", #threads + 1)
-   table.insert(threads, thread)
-end
+-- The counting and the BENCH line, shared with the other wrk script (beside this file).
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "counts.lua")
 
 -- The cumulative Zipf distribution over 1..cards, for a binary search per draw.
 local function zipf_table(n, s)
@@ -71,34 +67,4 @@ function request()
    local body = string.format('{"source":"4%015d","destination":"4%015d","amount":%d}',
       source, destination, math.random(1, AMOUNT_MAX))
    return wrk.format(nil, nil, nil, body)
-end
-
-function response(status, headers, body)
-   if status == 200 then
-      ok200 = ok200 + 1
-   elseif status == 422 then
-      s422 = s422 + 1
-   elseif status == 503 then
-      s503 = s503 + 1
-   else
-      other = other + 1
-   end
-end
-
-function done(summary, latency, requests)
-   local totals = { ok200 = 0, s422 = 0, s503 = 0, other = 0 }
-   for _, thread in ipairs(threads) do
-      for name, _ in pairs(totals) do
-         totals[name] = totals[name] + thread:get(name)
-      end
-   end
-   local errors = summary.errors
-   io.write(string.format(
-      "BENCH requests=%d duration_us=%d ok200=%d s422=%d s503=%d other=%d " ..
-      "connect_err=%d read_err=%d write_err=%d timeout_err=%d " ..
-      "p50_us=%d p90_us=%d p99_us=%d max_us=%d\n",
-      summary.requests, summary.duration, totals.ok200, totals.s422, totals.s503, totals.other,
-      errors.connect, errors.read, errors.write, errors.timeout,
-      math.floor(latency:percentile(50)), math.floor(latency:percentile(90)),
-      math.floor(latency:percentile(99)), math.floor(latency.max)))
 end
