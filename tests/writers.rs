@@ -235,3 +235,42 @@ async fn an_outside_write_while_tallyd_runs_is_noticed_and_kept() {
     }
     server.verify();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_broken_by_hand_ends_a_statement_instead_of_looping() {
+    let server = Server::start(&[]);
+    let mut client = server.client().await;
+    for amount in [100, 200, 300] {
+        assert_eq!(client.transaction(DEMO_CARD, amount).await.status, StatusCode::OK);
+    }
+    // An operator who drops the guard and points a leg at its own transaction makes a cycle.
+    let outside = server.sqlite();
+    outside
+        .execute_batch(
+            "DROP TRIGGER transactions_are_immutable; \
+             UPDATE transactions SET destination_previous_id = id WHERE id = 2;",
+        )
+        .unwrap();
+    let reply = client
+        .get(&format!("/accounts/{DEMO_CARD}/entries?limit=100"))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    let ids: Vec<i64> = reply.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [3, 2], "the walk stops at the broken link");
+    let reply = client
+        .get(&format!("/balance?card_number={DEMO_CARD}&at=1"))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    // And verify says so.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["verify", "--db"])
+        .arg(&server.db)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "verify must report the broken chain");
+}

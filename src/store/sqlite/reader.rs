@@ -156,8 +156,9 @@ fn read_head(conn: &Connection, card: &CardNumber) -> rusqlite::Result<Option<He
 }
 
 /// Walks `account`'s chain from transaction `next` towards older ones, calling `visit` with each of
-/// its transactions until it says stop. A link to a transaction that does not name the account (only
-/// possible in a database edited by hand) ends the walk.
+/// its transactions until it says stop. A link to a transaction that does not name the account, or
+/// that does not point to an older one (only possible in a database edited by hand), ends the walk,
+/// so a broken chain can never loop.
 fn walk(
     conn: &Connection,
     account: &str,
@@ -167,7 +168,7 @@ fn walk(
     while let Some(id) = next {
         let Some(row) = read_row(conn, id)? else { break };
         let Some((leg, _)) = row.side(account) else { break };
-        next = leg.previous_id;
+        next = leg.previous_id.filter(|previous| *previous < id);
         if !visit(id, &row) {
             break;
         }
