@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::Server;
+use common::{Rng, Server};
 use hyper::StatusCode;
 use rusqlite::{params, Connection};
 
@@ -24,17 +24,6 @@ fn flask_card(n: u32) -> String {
 
 fn digits(n: u32) -> String {
     flask_card(n).replace(' ', "")
-}
-
-/// xorshift64*, deterministic.
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    }
 }
 
 /// A Flask database: `cards` cards with consistent histories (balance = initial + successful
