@@ -239,6 +239,10 @@ pub enum Command {
     Transfer(TransferRequest),
 }
 
+/// The scopes (see [`Command::scope`]) whose keyed requests move money: where a lookup of a
+/// transaction by its idempotency key searches.
+pub const MONEY_SCOPES: &[&str] = &["/transaction", "/transfers"];
+
 impl Command {
     /// The route an idempotency key is scoped to: the same key on two routes is two keys.
     pub fn scope(&self) -> &'static str {

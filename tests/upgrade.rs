@@ -142,7 +142,7 @@ fn assert_refused_untouched(db: &Path, says: &[&str]) -> String {
     said
 }
 
-/// `accounts` (a table in version 1, a view in version 2), ordered by card.
+/// `accounts` (a table in version 1, a view since), ordered by card.
 fn accounts_of(conn: &rusqlite::Connection) -> Vec<(String, i64, i64)> {
     let mut stmt = conn
         .prepare("SELECT card_number, opening_balance, balance FROM accounts ORDER BY card_number")
@@ -164,7 +164,7 @@ async fn a_version_1_database_is_upgraded_in_place_with_its_ids_and_balances() {
     let mut server = Server::start_on(&db, &[]);
     let conn = server.sqlite();
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     // The old tables' names are views now, and read exactly as before.
     let journal: Vec<V1Row> = conn
         .prepare("SELECT id, card_number, amount, balance_after, created_at_ms FROM journal ORDER BY id")
@@ -281,12 +281,12 @@ fn a_database_newer_than_the_binary_is_refused_untouched() {
     let mut server = Server::start_on(&db, &[]);
     assert!(server.terminate().success());
     let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.execute_batch("PRAGMA user_version = 3; CREATE TABLE holds (id INTEGER PRIMARY KEY);")
+    conn.execute_batch("PRAGMA user_version = 4; CREATE TABLE holds (id INTEGER PRIMARY KEY);")
         .unwrap();
     drop(conn);
-    let said = assert_refused_untouched(&db, &["schema version 3", "newer"]);
+    let said = assert_refused_untouched(&db, &["schema version 4", "newer"]);
     eprintln!(
-        "upgrade: a version-3 file is refused: {}",
+        "upgrade: a version-4 file is refused: {}",
         said.lines().last().unwrap_or("")
     );
 }
@@ -317,15 +317,15 @@ fn another_programs_database_is_refused_and_left_byte_for_byte() {
 
 /// A file stamped with a newer `user_version` is a newer database even before it has tables (or
 /// another program's, which uses `user_version` for its own migrations): tallyd must not seed it as
-/// a new one, which would also stamp it back to version 2.
+/// a new one, which would also stamp it back to the current version.
 #[test]
 fn an_empty_file_stamped_with_a_newer_version_is_refused_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("users.db");
     let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.execute_batch("PRAGMA user_version = 3;").unwrap();
+    conn.execute_batch("PRAGMA user_version = 4;").unwrap();
     drop(conn);
-    assert_refused_untouched(&db, &["schema version 3", "newer"]);
+    assert_refused_untouched(&db, &["schema version 4", "newer"]);
 }
 
 /// An upgraded account cannot have been opened after its own history: version 1 kept no opening
@@ -401,5 +401,56 @@ fn an_upgrade_killed_part_way_leaves_version_1_or_version_2_whole() {
     eprintln!("upgrade: versions after each kill: {outcomes:?}");
     let server = Server::start_on(&db, &[]);
     assert_eq!(common::db_transactions(&server.sqlite()), rows.len() as i64);
+    server.verify();
+}
+
+/// A version-2 database (balances written in every commit, idempotency keys in a B-tree by key) is
+/// upgraded to version 3 in place: its balances are the checkpoint, and a key it stored still
+/// replays its exact answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_database_is_upgraded_with_its_balances_and_its_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let (a, b) = ("4000000000000001", "4000000000000002");
+    let stored_body = r#"{"answered":"by version 2"}"#;
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch(include_str!("fixtures/schema-v2.sql"))
+            .unwrap();
+        conn.execute_batch(&format!(
+            "INSERT INTO ledger_accounts VALUES ('{a}', 1000, 900, 1, 0), ('{b}', 0, 100, 1, 0);
+             INSERT INTO transactions VALUES (1, 'transfer', 100, '{a}', -100, 900, NULL,
+                                              '{b}', 100, 100, NULL, NULL, 'k-1', 1000);
+             INSERT INTO idempotency_keys VALUES ('/transfers', 'k-1', 'transfer {a} {b} 100 null', 200,
+                                                  CAST('{stored_body}' AS BLOB), 1, 1000);"
+        ))
+        .unwrap();
+    }
+    let server = Server::start_on(&db, &[]);
+    let conn = server.sqlite();
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(version, 3);
+    let checkpoint: i64 = conn
+        .query_row("SELECT transaction_id FROM ledger_checkpoint", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(checkpoint, 1, "version 2's rows were current");
+    let mut client = server.client().await;
+    assert_eq!(client.balance(a).await, 900);
+    assert_eq!(client.balance(b).await, 100);
+    let replay = client
+        .post_keyed("/transfers", &common::transfer_body(a, b, 100), "k-1")
+        .await;
+    assert_eq!(replay.status.as_u16(), 200);
+    assert!(replay.replayed());
+    assert_eq!(replay.text, stored_body, "the version-2 answer, byte for byte");
+    let reused = client
+        .post_keyed("/transfers", &common::transfer_body(a, b, 5), "k-1")
+        .await;
+    assert_eq!(reused.error_code(), "idempotency_key_reused");
+    let found = client.get("/transactions?idempotency_key=k-1").await;
+    assert_eq!(found.i64("id"), 1);
+    let next = client.transfer(a, b, 1).await;
+    assert_eq!(next.i64("id"), 2);
+    assert_eq!(client.balance(b).await, 101);
     server.verify();
 }

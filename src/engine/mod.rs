@@ -21,6 +21,7 @@
 //! default): with fewer clients than the batch limit, waiting only adds latency, and batches grow
 //! by themselves under load because requests pile up during each fsync.
 
+mod keys;
 pub mod ledger;
 mod worker;
 
@@ -30,11 +31,11 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
-pub use ledger::{Ledger, Outcome, Refusal, Render};
+pub use ledger::{Committed, Ledger, Outcome, Refusal, Render, SharedState};
 
 use crate::config::Config;
-use crate::domain::{Command, IdempotencyKey};
-use crate::store::{Store, StoreError, Totals};
+use crate::domain::{CardNumber, Command, IdempotencyKey};
+use crate::store::{AccountState, Store, StoreError, Totals};
 
 /// A command waiting in the queue, with the channel its answer goes back on.
 pub struct Job {
@@ -78,6 +79,7 @@ pub struct Engine {
     queue: flume::Sender<Job>,
     capacity: usize,
     state: Arc<EngineState>,
+    committed: SharedState,
 }
 
 /// The worker threads; join them after every [`Engine`] handle is dropped.
@@ -94,6 +96,7 @@ impl Engine {
         render: Render,
     ) -> Result<(Engine, Workers), StoreError> {
         let ledger = Ledger::load(store, render)?;
+        let committed = ledger.shared();
         let totals = ledger.totals();
         let state = Arc::new(EngineState {
             totals: Mutex::new(totals),
@@ -124,6 +127,7 @@ impl Engine {
                 queue,
                 capacity,
                 state,
+                committed,
             },
             Workers { handles },
         ))
@@ -142,6 +146,26 @@ impl Engine {
             Err(flume::TrySendError::Full(_)) => Err(SubmitError::QueueFull),
             Err(flume::TrySendError::Disconnected(_)) => Err(SubmitError::ShuttingDown),
         }
+    }
+
+    /// A card account's committed state (what every read of its balance answers); `None` without
+    /// such an account.
+    pub fn account(&self, card: &CardNumber) -> Option<AccountState> {
+        self.committed.read().card(card)
+    }
+
+    /// The idempotency records that may hold `key` on any of `scopes` (to be checked by name).
+    pub fn key_candidates(&self, key: &IdempotencyKey, scopes: &[&str]) -> Vec<i64> {
+        let committed = self.committed.read();
+        scopes
+            .iter()
+            .filter_map(|scope| committed.key_candidate(scope, key))
+            .collect()
+    }
+
+    /// How many idempotency keys are live (kept, and indexed in memory).
+    pub fn live_keys(&self) -> usize {
+        self.committed.read().live_keys()
     }
 
     pub fn queue_depth(&self) -> usize {

@@ -1,5 +1,7 @@
 //! One worker thread: take a batch off the queue, commit it through the ledger, answer it; and
-//! prune expired idempotency keys between batches.
+//! between batches, prune expired idempotency keys and write a chunk of balances back to the
+//! accounts' rows. At a clean stop, the last worker out writes back everything, so that the next
+//! start replays nothing.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -41,16 +43,19 @@ pub(super) fn run<S: Store>(
         let first = match queue.recv_timeout(PRUNE_PERIOD) {
             Ok(job) => Some(job),
             Err(flume::RecvTimeoutError::Timeout) => None,
-            Err(flume::RecvTimeoutError::Disconnected) => return,
+            Err(flume::RecvTimeoutError::Disconnected) => return write_back_all(&ledger),
         };
         if backlog || pruned_at.elapsed() >= PRUNE_PERIOD {
             backlog = prune(&ledger, limits.idempotency_retention) == PRUNE_ROWS_MAX as usize;
             pruned_at = Instant::now();
         }
-        let Some(first) = first else { continue };
+        let Some(first) = first else {
+            idle(&ledger, &queue);
+            continue;
+        };
         batch.push(first);
         state.in_progress.fetch_add(1, Ordering::Relaxed);
-        let Ok(mut ledger) = ledger.lock() else {
+        let Ok(mut locked) = ledger.lock() else {
             tracing::error!("the ledger is poisoned by a panic in another worker; this worker stops");
             return;
         };
@@ -58,11 +63,11 @@ pub(super) fn run<S: Store>(
         fill(&queue, &mut batch, limits);
         state.in_progress.fetch_add(batch.len() - 1, Ordering::Relaxed);
         let started = Instant::now();
-        let report = ledger.apply_batch(
+        let report = locked.apply_batch(
             batch.iter().map(|job| (&job.command, job.key.as_ref())),
             crate::unix_ms_now(),
         );
-        drop(ledger);
+        drop(locked);
         telemetry::record_batch(batch.len(), started.elapsed(), report.commit_ok);
         *state
             .totals
@@ -75,6 +80,40 @@ pub(super) fn run<S: Store>(
             let _ = job.reply.send(outcome);
         }
         state.in_progress.fetch_sub(answered, Ordering::Relaxed);
+        write_back(&ledger, &queue);
+    }
+}
+
+/// One chunk of the write-back if it is due, and more while nobody is waiting: a chunk holds up
+/// the next batch by a few milliseconds at most.
+fn write_back<S: Store>(ledger: &Mutex<Ledger<S>>, queue: &flume::Receiver<Job>) {
+    let Ok(mut ledger) = ledger.lock() else { return };
+    loop {
+        match ledger.write_back_step(Instant::now()) {
+            Ok(true) if queue.is_empty() => continue,
+            Ok(_) => return,
+            Err(error) => {
+                tracing::warn!(%error, "writing balances back failed; the next batch retries");
+                return;
+            }
+        }
+    }
+}
+
+/// Nothing arrived for a while: catch up with outside writes, then write back.
+fn idle<S: Store>(ledger: &Mutex<Ledger<S>>, queue: &flume::Receiver<Job>) {
+    if let Ok(mut ledger) = ledger.lock() {
+        if let Err(error) = ledger.catch_up() {
+            tracing::warn!(%error, "re-reading the database failed; the next batch retries");
+        }
+    }
+    write_back(ledger, queue);
+}
+
+fn write_back_all<S: Store>(ledger: &Mutex<Ledger<S>>) {
+    let Ok(mut ledger) = ledger.lock() else { return };
+    if let Err(error) = ledger.write_back_all() {
+        tracing::warn!(%error, "writing balances back at the stop failed; the next start replays the journal");
     }
 }
 

@@ -17,9 +17,9 @@ use super::error::{
 };
 use super::{decode, App};
 use crate::analytics::OutcomeLabel;
-use crate::domain::{Command, Kind};
+use crate::domain::{CardNumber, Command, Kind, MONEY_SCOPES};
 use crate::engine::Outcome;
-use crate::store::{Reader, StoreError};
+use crate::store::{AccountState, AccountView, Reader, StoreError};
 use crate::telemetry;
 
 /// The live page, compiled into the binary so that it needs no files and no network.
@@ -319,6 +319,16 @@ async fn read<T: Send + 'static>(
         })
 }
 
+/// A card account's committed state: the engine's, or, for an account opened outside tallyd that
+/// the engine has not re-read yet (it does before its next batch), the database's.
+async fn head(app: &App, card: &CardNumber) -> Result<Option<AccountState>, ApiError> {
+    if let Some(state) = app.engine.account(card) {
+        return Ok(Some(state));
+    }
+    let lookup = card.clone();
+    read(app, move |reader| reader.current(&lookup)).await
+}
+
 fn card_not_found(card: &str) -> ApiError {
     ApiError::new(
         ErrorCode::CardNotFound,
@@ -351,8 +361,22 @@ async fn balance(app: &App, query: Option<&str>) -> HttpResponse {
         let at = query_value(query, "at")?
             .map(|at| decode::id_parameter("at", at))
             .transpose()?;
-        let lookup = card.clone();
-        match read(app, move |reader| reader.balance(&lookup, at)).await? {
+        // Now: the engine's committed state, one lookup. As of a moment: a walk down the
+        // account's chain from the head the engine knows.
+        let Some(head) = head(app, &card).await? else {
+            return Err(card_not_found(card.as_str()));
+        };
+        let balance = match at {
+            None => Some(head.balance),
+            Some(at) => {
+                let lookup = card.clone();
+                read(app, move |reader| {
+                    reader.balance_at(&lookup, head.last_transaction_id, at)
+                })
+                .await?
+            }
+        };
+        match balance {
             Some(balance) => Ok(json_response(
                 StatusCode::OK,
                 &json!({ "card_number": card.as_str(), "balance": balance }),
@@ -368,10 +392,21 @@ async fn balance(app: &App, query: Option<&str>) -> HttpResponse {
 async fn account(app: &App, card: &str) -> HttpResponse {
     let result = async {
         let card = decode::card_parameter(card, decode::Part::Path)?;
+        let Some(head) = head(app, &card).await? else {
+            return Err(card_not_found(card.as_str()));
+        };
         let lookup = card.clone();
-        read(app, move |reader| reader.account(&lookup))
+        read(app, move |reader| reader.opened_at(&lookup))
             .await?
-            .map(|account| json_response(StatusCode::OK, &account))
+            .map(|created_at_ms| {
+                let account = AccountView {
+                    card_number: card.as_str().to_owned(),
+                    balance: head.balance,
+                    available: head.balance,
+                    created_at_ms,
+                };
+                json_response(StatusCode::OK, &account)
+            })
             .ok_or_else(|| card_not_found(card.as_str()))
     }
     .await;
@@ -400,11 +435,16 @@ async fn entries(app: &App, card: &str, query: Option<&str>) -> HttpResponse {
         let cursor = query_value(query, "starting_after")?
             .map(|text| decode::id_parameter("starting_after", text))
             .transpose()?;
+        let Some(head) = head(app, &card).await? else {
+            return Err(card_not_found(card.as_str()));
+        };
         let lookup = card.clone();
-        read(app, move |reader| reader.entries(&lookup, limit, cursor))
-            .await?
-            .map(|page| json_response(StatusCode::OK, &page))
-            .ok_or_else(|| card_not_found(card.as_str()))
+        read(app, move |reader| {
+            reader.entries(&lookup, head.last_transaction_id, limit, cursor)
+        })
+        .await?
+        .map(|page| json_response(StatusCode::OK, &page))
+        .ok_or_else(|| card_not_found(card.as_str()))
     }
     .await;
     result.unwrap_or_else(ApiError::into_response)
@@ -438,7 +478,8 @@ async fn transaction_by_key(app: &App, query: Option<&str>) -> HttpResponse {
             .ok_or_else(|| ApiError::new(ErrorCode::InvalidIdempotencyKey, "the key is not percent-encoded properly"))?;
         let key = decode::idempotency_key(Some(&bytes))?.expect("a key was given");
         let lookup = key.clone();
-        read(app, move |reader| reader.transaction_by_key(&lookup))
+        let candidates = app.engine.key_candidates(&key, MONEY_SCOPES);
+        read(app, move |reader| reader.transaction_by_key(&lookup, &candidates))
             .await?
             .map(|transaction| json_response(StatusCode::OK, &transaction))
             .ok_or_else(|| {

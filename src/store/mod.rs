@@ -10,7 +10,12 @@
 //!   exclusive `flock` on `<db>.lock` ([`lock`]) before it touches the file, and holds it until the
 //!   store is dropped or the process dies; a second `serve` is refused (or waits, with
 //!   `--lock-wait-ms`) before it listens. The engine may therefore decide against balances it holds
-//!   in memory. Writers outside tallyd (a `sqlite3` shell) are not locked out, so every commit
+//!   in memory, and it does: a commit appends the batch's transactions (the durable record, with
+//!   each leg's balance after it) and its idempotency records, and nothing else; the engine writes
+//!   the balances of the accounts that moved back to their rows later, in key order, in chunks
+//!   between batches ([`Store::write_back`]), and moves the balance checkpoint forward with the last
+//!   chunk. [`Store::load`] reads the rows and replays the transactions after the checkpoint, so a
+//!   crash at any point between a commit and its write-back loses nothing. Writers outside tallyd (a `sqlite3` shell) are not locked out, so every commit
 //!   checks `PRAGMA data_version` under SQLite's write lock: if another connection committed since
 //!   our last commit, the batch is refused whole, the ledger re-reads every balance and decides the
 //!   batch again, so an outside change is never overwritten.
@@ -36,8 +41,16 @@ pub struct AccountState {
 /// What the engine needs at start-up (and after a failed commit) to decide batches without reads.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LedgerState {
-    /// Every card account and its committed state.
+    /// Every card account and its committed state (the journal replayed past the checkpoint).
     pub cards: Vec<(CardNumber, AccountState)>,
+    /// The accounts whose stored row is behind their committed state: the next write-back's.
+    pub behind: Vec<Account>,
+    /// The balance checkpoint: every account's row has every leg up to this transaction id.
+    pub checkpoint: i64,
+    /// The live idempotency keys, in id order (oldest first).
+    pub keys: Vec<KeyName>,
+    /// The id the next idempotency record gets.
+    pub next_key_id: i64,
     /// The outside world's: its balance is minus everything ever deposited net of withdrawals.
     pub world: AccountState,
     /// The id the next committed transaction gets (ids are assigned by the one writer, in order).
@@ -81,6 +94,8 @@ pub struct NewAccount {
 /// A decided request's answer, kept under its idempotency key so that a retry gets it back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyRecord {
+    /// Assigned by the engine, in order, like transaction ids.
+    pub id: i64,
     /// The route the key belongs to.
     pub scope: &'static str,
     pub key: IdempotencyKey,
@@ -88,6 +103,22 @@ pub struct IdempotencyRecord {
     pub stored: StoredAnswer,
     /// The transaction the request produced, if it moved money.
     pub transaction_id: Option<i64>,
+}
+
+/// A stored idempotency record's identity: its id and the (scope, key) it is kept under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyName {
+    pub id: i64,
+    pub scope: String,
+    pub key: String,
+}
+
+/// A stored idempotency record, read back by id: what it is kept under, and its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    pub scope: String,
+    pub key: String,
+    pub answer: StoredAnswer,
 }
 
 /// The status and exact body first answered to a keyed request, and what that request was.
@@ -165,21 +196,29 @@ pub trait Store: Send + 'static {
     /// batch so that even a batch that writes nothing is decided on current state.
     fn changed_outside(&mut self) -> Result<bool, StoreError>;
 
-    /// The answer stored under each (scope, key), if the key was used and not yet pruned, in the
-    /// order asked: a batch asks for all of its keys at once, in one read transaction.
-    fn idempotent_answers(
-        &mut self,
-        keys: &[(&str, &IdempotencyKey)],
-    ) -> Result<Vec<Option<StoredAnswer>>, StoreError>;
+    /// The idempotency records with these ids (`None` for one that is gone), in the order asked:
+    /// a batch asks for all of its keys' records at once, in one read transaction. The engine
+    /// finds the ids in its own index of live keys and checks the names it gets back.
+    fn idempotent_answers(&mut self, ids: &[i64]) -> Result<Vec<Option<StoredKey>>, StoreError>;
 
     /// Writes the whole batch in one transaction and makes it durable as configured. All or
     /// nothing: on `Err` nothing changed (except for `OutcomeUnknown`, after which the caller
     /// re-reads the state). `Conflict` means another writer committed since our last commit.
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError>;
 
-    /// Deletes at most `rows_max` idempotency records created before `before_unix_ms`; returns how
-    /// many. Small, so that it never holds up a batch for long.
-    fn prune_idempotency(&mut self, before_unix_ms: i64, rows_max: u32) -> Result<usize, StoreError>;
+    /// Writes these accounts' committed states to their rows, in one transaction, and when
+    /// `checkpoint` is given moves the balance checkpoint to it in the same transaction: the caller
+    /// promises every account with a leg up to that id is written by now. `Conflict` when another
+    /// writer committed since our last commit (nothing written: the engine re-reads first).
+    fn write_back(
+        &mut self,
+        accounts: &[(Account, AccountState)],
+        checkpoint: Option<i64>,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes at most `rows_max` of the oldest idempotency records created before
+    /// `before_unix_ms`, and says which. Small, so that it never holds up a batch for long.
+    fn prune_idempotency(&mut self, before_unix_ms: i64, rows_max: u32) -> Result<Vec<KeyName>, StoreError>;
 }
 
 /// An account as `GET /accounts/{card}` shows it.
@@ -234,20 +273,42 @@ pub struct EntriesPage {
     pub has_more: bool,
 }
 
-/// The read side: committed state, never blocked by a writer. Every method may block; call it
+/// The read side: committed history, never blocked by a writer. Every method may block; call it
 /// from a blocking thread. Each answers from one consistent snapshot.
+///
+/// An account's current state is the engine's (it is in memory, exactly as committed; the stored
+/// row may lag behind it until the write-back): callers pass the head of the account's chain they
+/// got from the engine, and the reader walks the history from there. Everything the engine has
+/// absorbed is committed, so the snapshot always holds the head.
 pub trait Reader: Send + Sync + 'static {
-    /// The balance of `card` now, or as of `at_unix_ms` (from the journal); `None` without such a card.
-    fn balance(&self, card: &CardNumber, at_unix_ms: Option<i64>) -> Result<Option<i64>, StoreError>;
-    fn account(&self, card: &CardNumber) -> Result<Option<AccountView>, StoreError>;
+    /// The balance of `card` as of `at_unix_ms`, walking its chain from `head`; `None` without
+    /// such a card.
+    fn balance_at(
+        &self,
+        card: &CardNumber,
+        head: Option<i64>,
+        at_unix_ms: i64,
+    ) -> Result<Option<i64>, StoreError>;
+    /// `card`'s current state as the database has it (its row and the journal after the
+    /// checkpoint), for an account the engine does not know yet because it was opened outside
+    /// tallyd a moment ago; `None` without such a card.
+    fn current(&self, card: &CardNumber) -> Result<Option<AccountState>, StoreError>;
+    /// When `card`'s account was opened; `None` without such a card.
+    fn opened_at(&self, card: &CardNumber) -> Result<Option<i64>, StoreError>;
     fn transaction(&self, id: i64) -> Result<Option<TransactionView>, StoreError>;
-    /// The transaction a request with this idempotency key produced, on any route.
-    fn transaction_by_key(&self, key: &IdempotencyKey) -> Result<Option<TransactionView>, StoreError>;
-    /// Up to `limit` entries of `card` older than the transaction `starting_after` (newest first);
-    /// `None` without such a card.
+    /// The newest transaction produced by one of these idempotency records (the engine's
+    /// candidates for `key`), checking that each really is kept under `key`.
+    fn transaction_by_key(
+        &self,
+        key: &IdempotencyKey,
+        records: &[i64],
+    ) -> Result<Option<TransactionView>, StoreError>;
+    /// Up to `limit` entries of `card` older than the transaction `starting_after` (newest first),
+    /// walking its chain from `head`; `None` without such a card.
     fn entries(
         &self,
         card: &CardNumber,
+        head: Option<i64>,
         limit: u32,
         starting_after: Option<i64>,
     ) -> Result<Option<EntriesPage>, StoreError>;

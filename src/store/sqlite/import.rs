@@ -373,6 +373,11 @@ fn write(
             "UPDATE ledger_accounts SET balance = ?1, last_transaction_id = ?2 WHERE name = ?3",
             params![world, world_last, WORLD_ACCOUNT],
         )?;
+        // Every row above is current: nothing to replay at the first start.
+        tx.execute(
+            "UPDATE ledger_checkpoint SET transaction_id = (SELECT coalesce(max(id), 0) FROM transactions)",
+            [],
+        )?;
     }
     for (card, balance) in running.iter().zip(balances) {
         debug_assert_eq!(card, balance, "every account ends at its imported balance");

@@ -1,4 +1,4 @@
--- Upgrade a version-1 database (accounts with balances, a journal of signed amounts) to version 2. tallyd
+-- Upgrade a version-1 database (accounts with balances, a journal of signed amounts) to the ledger. tallyd
 -- runs, in one transaction: the renames in schema.rs (V1_SET_ASIDE), src/store/schema.sql, then this file:
 -- every journal row becomes a deposit or a withdrawal between its card and '@world' with the same id, time
 -- and balance_after, linked into both accounts' chains; then the old tables go. tallyd checks the version-1 invariants first.
@@ -40,6 +40,9 @@ UPDATE ledger_accounts
 SET balance = coalesce((SELECT -SUM(amount) FROM v1_journal), 0),
     last_transaction_id = (SELECT max(id) FROM v1_journal)
 WHERE name = '@world';
+
+-- Every balance above is current: the checkpoint is at the last transaction.
+UPDATE ledger_checkpoint SET transaction_id = coalesce((SELECT max(id) FROM transactions), 0);
 
 DROP TABLE v1_legs;
 DROP TABLE v1_journal;

@@ -18,21 +18,28 @@
 //!   with `full` and from 54 to 11 ms with `normal`, where checkpoints had stalled commits.
 //! * `cache_size` of 4 MiB and `mmap_size` of 1 GiB: see [`WRITE_CACHE_KIB`] for why the cache is small.
 //!
-//! What a batch writes: one `transactions` row per movement, both legs in it (appended: ids grow, so
-//! the table only ever gains pages at its end), then each touched account's balance and last
-//! transaction, updated in place once, in key order; new accounts; idempotency records. An account's
-//! history is the chain of its legs' `previous_id`s, so no index on account has to be kept: a deposit
-//! dirties one accounts page and the end of the transactions table, as version 1 dirtied one accounts
-//! page and the end of the journal. (An earlier draft clustered the legs by account in their own
-//! table: every commit then split pages at random, and SQLite's page reordering during a split makes
-//! the commit scan the whole page cache; it measured 2.1 times slower per batch.)
+//! What a batch writes: one `transactions` row per movement, both legs in it, and one
+//! `idempotency_keys` row per keyed request, both appended (ids grow, so the tables only ever gain
+//! pages at their end); new accounts. Nothing is updated in place: the transactions are the durable
+//! record, each leg with its account's balance after it. The accounts' rows are brought up to date
+//! later by [`Store::write_back`], in name order, so that a chunk of rows rewrites consecutive
+//! pages, and an account that moved a hundred times since is written once. An account's history is
+//! the chain of its legs' `previous_id`s, so no index on account has to be kept. (Version 2 updated
+//! every touched account in every commit: at random pages, that was most of what a commit wrote.
+//! An earlier draft clustered the legs by account in their own table: every commit then split pages
+//! at random, and SQLite's page reordering during a split makes the commit scan the whole page
+//! cache; it measured 2.1 times slower per batch.)
+//!
+//! Start-up ([`Store::load`]) reads the transactions after the balance checkpoint (the last leg of
+//! each account there is its state) and then every account row, so its time grows with the number
+//! of accounts plus the write-back's lag, which [`crate::engine`] bounds.
 
 pub mod import;
 mod reader;
 mod schema;
 mod verify;
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -42,7 +49,7 @@ pub use reader::SqliteReader;
 pub use verify::{verify, Check};
 
 use super::lock::WriterLock;
-use super::{AccountState, Batch, IdempotencyKey, LedgerState, Store, StoreError, StoredAnswer};
+use super::{AccountState, Batch, KeyName, LedgerState, Store, StoreError, StoredAnswer, StoredKey};
 use crate::config::Durability;
 use crate::domain::Account;
 
@@ -79,14 +86,22 @@ const INSERT_TRANSACTION: &str = "INSERT INTO transactions (id, kind, amount, \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
 const UPDATE_ACCOUNT: &str =
     "UPDATE ledger_accounts SET balance = ?2, last_transaction_id = ?3 WHERE name = ?1";
+const UPDATE_CHECKPOINT: &str = "UPDATE ledger_checkpoint SET transaction_id = ?1 WHERE id = 1";
+const SELECT_CHECKPOINT: &str = "SELECT transaction_id FROM ledger_checkpoint WHERE id = 1";
+/// The transactions after the checkpoint, whose legs are newer than the accounts' rows.
+const SELECT_TAIL: &str = "SELECT id, source, source_balance_after, destination, destination_balance_after \
+     FROM transactions WHERE id > ?1 ORDER BY id";
 const INSERT_IDEMPOTENCY: &str = "INSERT INTO idempotency_keys \
-     (scope, idempotency_key, fingerprint, status, body, transaction_id, created_at_ms) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+     (id, scope, idempotency_key, fingerprint, status, body, transaction_id, created_at_ms) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 const SELECT_IDEMPOTENCY: &str =
-    "SELECT fingerprint, status, body FROM idempotency_keys WHERE scope = ?1 AND idempotency_key = ?2";
-const PRUNE_IDEMPOTENCY: &str = "DELETE FROM idempotency_keys WHERE (scope, idempotency_key) IN \
-     (SELECT scope, idempotency_key FROM idempotency_keys WHERE created_at_ms < ?1 \
-      ORDER BY created_at_ms LIMIT ?2)";
+    "SELECT scope, idempotency_key, fingerprint, status, body FROM idempotency_keys WHERE id = ?1";
+const SELECT_KEYS: &str = "SELECT id, scope, idempotency_key FROM idempotency_keys ORDER BY id";
+const SELECT_NEXT_KEY_ID: &str = "SELECT coalesce(max(id), 0) + 1 FROM idempotency_keys";
+/// The oldest first: ids grow with time, so these are the first rows of the table.
+const PRUNE_IDEMPOTENCY: &str = "DELETE FROM idempotency_keys WHERE id IN \
+     (SELECT id FROM idempotency_keys WHERE created_at_ms < ?1 ORDER BY id LIMIT ?2) \
+     RETURNING id, scope, idempotency_key";
 const SELECT_ACCOUNTS: &str = "SELECT name, balance, last_transaction_id FROM ledger_accounts";
 const SELECT_NEXT_ID: &str = "SELECT coalesce(max(id), 0) + 1, \
      coalesce((SELECT created_at_ms FROM transactions ORDER BY id DESC LIMIT 1), 0) FROM transactions";
@@ -205,29 +220,75 @@ impl Store for SqliteStore {
         let tx = self.conn.transaction()?;
         let (next_transaction_id, last_at_unix_ms) =
             tx.query_row(SELECT_NEXT_ID, [], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        let next_key_id = tx.query_row(SELECT_NEXT_KEY_ID, [], |row| row.get(0))?;
         let mut state = LedgerState {
             next_transaction_id,
             last_at_unix_ms,
+            next_key_id,
             ..LedgerState::default()
         };
+        // The replay: each account's last leg after the checkpoint is its state (legs carry the
+        // balance after them), and wins over its row.
+        let checkpoint: i64 = tx.query_row(SELECT_CHECKPOINT, [], |row| row.get(0))?;
+        let mut newer: HashMap<String, AccountState> = HashMap::new();
+        {
+            let mut stmt = tx.prepare(SELECT_TAIL)?;
+            let mut rows = stmt.query([checkpoint])?;
+            while let Some(row) = rows.next()? {
+                let id: i64 = row.get(0)?;
+                for at in [1, 3] {
+                    let state = AccountState {
+                        balance: row.get(at + 1)?,
+                        last_transaction_id: Some(id),
+                    };
+                    newer.insert(row.get(at)?, state);
+                }
+            }
+        }
         {
             let mut stmt = tx.prepare(SELECT_ACCOUNTS)?;
             let mut rows = stmt.query([])?;
             while let Some(row) = rows.next()? {
                 let name: String = row.get(0)?;
-                let account = AccountState {
+                let replayed = newer.get(&name).copied();
+                let account = replayed.unwrap_or(AccountState {
                     balance: row.get(1)?,
                     last_transaction_id: row.get(2)?,
-                };
+                });
                 // The schema's CHECK admits only valid names; anything else was put there by hand.
-                match Account::from_name(&name) {
-                    Some(Account::Card(card)) => state.cards.push((card, account)),
-                    Some(Account::World) => state.world = account,
-                    None => tracing::warn!(account = %name, "ignoring an account whose name is invalid"),
+                let Some(parsed) = Account::from_name(&name) else {
+                    tracing::warn!(account = %name, "ignoring an account whose name is invalid");
+                    continue;
+                };
+                if replayed.is_some() {
+                    state.behind.push(parsed.clone());
+                }
+                match parsed {
+                    Account::Card(card) => state.cards.push((card, account)),
+                    Account::World => state.world = account,
                 }
             }
         }
+        {
+            let mut stmt = tx.prepare(SELECT_KEYS)?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                state.keys.push(KeyName {
+                    id: row.get(0)?,
+                    scope: row.get(1)?,
+                    key: row.get(2)?,
+                });
+            }
+        }
+        state.checkpoint = checkpoint;
         tx.commit()?;
+        if !newer.is_empty() {
+            tracing::info!(
+                transactions = next_transaction_id - 1 - checkpoint,
+                accounts = newer.len(),
+                "replayed the transactions after the balance checkpoint"
+            );
+        }
         self.data_version = data_version(&self.conn)?;
         Ok(state)
     }
@@ -236,29 +297,30 @@ impl Store for SqliteStore {
         Ok(data_version(&self.conn)? != self.data_version)
     }
 
-    fn idempotent_answers(
-        &mut self,
-        keys: &[(&str, &IdempotencyKey)],
-    ) -> Result<Vec<Option<StoredAnswer>>, StoreError> {
-        if keys.is_empty() {
+    fn idempotent_answers(&mut self, ids: &[i64]) -> Result<Vec<Option<StoredKey>>, StoreError> {
+        if ids.is_empty() {
             return Ok(Vec::new());
         }
         // One read transaction for the whole batch's keys, instead of one per lookup.
         let tx = self.conn.transaction()?;
-        let mut found = Vec::with_capacity(keys.len());
+        let mut found = Vec::with_capacity(ids.len());
         {
             let mut stmt = tx.prepare_cached(SELECT_IDEMPOTENCY)?;
-            for (scope, key) in keys {
-                let answer = stmt
-                    .query_row(params![scope, key.as_str()], |row| {
-                        Ok(StoredAnswer {
-                            fingerprint: row.get(0)?,
-                            status: row.get(1)?,
-                            body: row.get(2)?,
+            for id in ids {
+                let record = stmt
+                    .query_row([id], |row| {
+                        Ok(StoredKey {
+                            scope: row.get(0)?,
+                            key: row.get(1)?,
+                            answer: StoredAnswer {
+                                fingerprint: row.get(2)?,
+                                status: row.get(3)?,
+                                body: row.get(4)?,
+                            },
                         })
                     })
                     .optional()?;
-                found.push(answer);
+                found.push(record);
             }
         }
         tx.commit()?;
@@ -266,12 +328,57 @@ impl Store for SqliteStore {
     }
 
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        let tx = self.begin_write()?;
+        write_batch(&tx, batch)?;
+        finish(tx)
+    }
+
+    fn write_back(
+        &mut self,
+        accounts: &[(Account, AccountState)],
+        checkpoint: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let tx = self.begin_write()?;
+        {
+            let mut update = tx.prepare_cached(UPDATE_ACCOUNT)?;
+            for (account, state) in accounts {
+                // An account deleted by hand has no row to update; verify reports its legs.
+                update.execute(params![account.name(), state.balance, state.last_transaction_id])?;
+            }
+        }
+        if let Some(through) = checkpoint {
+            tx.prepare_cached(UPDATE_CHECKPOINT)?.execute([through])?;
+        }
+        finish(tx)
+    }
+
+    fn prune_idempotency(&mut self, before_unix_ms: i64, rows_max: u32) -> Result<Vec<KeyName>, StoreError> {
+        let tx = self.begin_write()?;
+        let pruned = {
+            let mut stmt = tx.prepare_cached(PRUNE_IDEMPOTENCY)?;
+            let rows = stmt.query_map(params![before_unix_ms, rows_max], |row| {
+                Ok(KeyName {
+                    id: row.get(0)?,
+                    scope: row.get(1)?,
+                    key: row.get(2)?,
+                })
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        finish(tx)?;
+        Ok(pruned)
+    }
+}
+
+impl SqliteStore {
+    /// Starts a write transaction, refused with `Conflict` if another connection committed since
+    /// our last commit. Under the write lock nobody else can commit, so this is the moment to ask
+    /// whether anyone did (a sqlite3 shell, say): what we are about to write was decided on state
+    /// that may be stale, so nothing is written and the ledger re-reads first.
+    fn begin_write(&mut self) -> Result<rusqlite::Transaction<'_>, StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // Under the write lock nobody else can commit, so this is the moment to ask whether anyone
-        // did since our last commit (a sqlite3 shell, say): the batch was decided on balances
-        // that may be stale, so it is refused whole and the ledger re-reads and decides again.
         let version = data_version(&tx)?;
         if version != self.data_version {
             self.data_version = version;
@@ -279,18 +386,16 @@ impl Store for SqliteStore {
                 "the database was changed by another writer since the last commit".into(),
             ));
         }
-        write_batch(&tx, batch)?;
-        tx.commit().map_err(|error| match error.sqlite_error_code() {
-            // The frames may be in the WAL even though making them durable failed.
-            Some(ErrorCode::SystemIoFailure) => StoreError::OutcomeUnknown(error.to_string()),
-            _ => error.into(),
-        })
+        Ok(tx)
     }
+}
 
-    fn prune_idempotency(&mut self, before_unix_ms: i64, rows_max: u32) -> Result<usize, StoreError> {
-        let mut stmt = self.conn.prepare_cached(PRUNE_IDEMPOTENCY)?;
-        Ok(stmt.execute(params![before_unix_ms, rows_max])?)
-    }
+fn finish(tx: rusqlite::Transaction<'_>) -> Result<(), StoreError> {
+    tx.commit().map_err(|error| match error.sqlite_error_code() {
+        // The frames may be in the WAL even though making them durable failed.
+        Some(ErrorCode::SystemIoFailure) => StoreError::OutcomeUnknown(error.to_string()),
+        _ => error.into(),
+    })
 }
 
 fn write_batch(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> {
@@ -301,8 +406,6 @@ fn write_batch(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Resul
             insert.execute(params![account.card.as_str(), at])?;
         }
     }
-    // Each account's state after the batch: its last leg's balance and transaction.
-    let mut finals: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
     {
         let mut insert = tx.prepare_cached(INSERT_TRANSACTION)?;
         for record in &batch.transactions {
@@ -323,25 +426,12 @@ fn write_batch(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Resul
                 record.idempotency_key.as_ref().map(|k| k.as_str()),
                 at,
             ])?;
-            for leg in &record.legs {
-                finals.insert(leg.account.name(), (leg.balance_after, record.id));
-            }
-        }
-    }
-    {
-        // In key order, so that the updates walk the accounts B-tree once instead of jumping around it.
-        let mut update = tx.prepare_cached(UPDATE_ACCOUNT)?;
-        for (name, (balance, last)) in finals {
-            if update.execute(params![name, balance, last])? != 1 {
-                // The engine only posts to accounts it has loaded; one that vanished means someone
-                // deleted it by hand. Refuse the whole batch.
-                return Err(rusqlite::Error::QueryReturnedNoRows);
-            }
         }
     }
     let mut insert = tx.prepare_cached(INSERT_IDEMPOTENCY)?;
     for record in &batch.idempotency {
         insert.execute(params![
+            record.id,
             record.scope,
             record.key.as_str(),
             record.stored.fingerprint,

@@ -8,18 +8,17 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use crate::config::limits;
 use crate::domain::{CardNumber, IdempotencyKey, Kind};
-use crate::store::{AccountView, EntriesPage, EntryView, LegView, Reader, StoreError, TransactionView};
+use crate::store::{AccountState, EntriesPage, EntryView, LegView, Reader, StoreError, TransactionView};
 
-/// A card's balance now, and when its account was opened.
-const SELECT_ACCOUNT: &str =
-    "SELECT balance, created_at_ms, opening_balance, last_transaction_id FROM ledger_accounts WHERE name = ?1";
+/// What never changes of an account: its opening balance and when it was opened. (Its balance and
+/// head are the engine's: the row may lag behind them.)
+const SELECT_ACCOUNT: &str = "SELECT opening_balance, created_at_ms FROM ledger_accounts WHERE name = ?1";
+/// An account's current state as the database has it (reads the journal after the checkpoint).
+const SELECT_CURRENT: &str = "SELECT balance, last_transaction_id FROM current_accounts WHERE name = ?1";
 const SELECT_TRANSACTION: &str = "SELECT kind, amount, source, source_amount, source_balance_after, \
      source_previous_id, destination, destination_amount, destination_balance_after, destination_previous_id, \
      reference, idempotency_key, created_at_ms FROM transactions WHERE id = ?1";
-/// Keys are scoped per route; a lookup by key alone searches the routes that move money.
-const SELECT_TRANSACTION_BY_KEY: &str = "SELECT transaction_id FROM idempotency_keys \
-     WHERE scope IN ('/transaction', '/transfers') AND idempotency_key = ?1 AND transaction_id IS NOT NULL \
-     ORDER BY created_at_ms DESC LIMIT 1";
+const SELECT_KEY_RECORD: &str = "SELECT idempotency_key, transaction_id FROM idempotency_keys WHERE id = ?1";
 
 /// One transaction as stored.
 struct Row {
@@ -134,22 +133,18 @@ fn read_transaction(conn: &Connection, id: i64) -> rusqlite::Result<Option<Trans
     }))
 }
 
-/// What a statement needs of an account: its opening balance and the head of its chain.
-struct Head {
-    balance: i64,
-    created_at_ms: i64,
+/// What a statement needs of an account besides its head.
+struct Opened {
     opening_balance: i64,
-    last_transaction_id: Option<i64>,
+    created_at_ms: i64,
 }
 
-fn read_head(conn: &Connection, card: &CardNumber) -> rusqlite::Result<Option<Head>> {
+fn read_opened(conn: &Connection, card: &CardNumber) -> rusqlite::Result<Option<Opened>> {
     conn.prepare_cached(SELECT_ACCOUNT)?
         .query_row([card.as_str()], |row| {
-            Ok(Head {
-                balance: row.get(0)?,
+            Ok(Opened {
+                opening_balance: row.get(0)?,
                 created_at_ms: row.get(1)?,
-                opening_balance: row.get(2)?,
-                last_transaction_id: row.get(3)?,
             })
         })
         .optional()
@@ -177,17 +172,14 @@ fn walk(
 }
 
 impl Reader for SqliteReader {
-    fn balance(&self, card: &CardNumber, at_unix_ms: Option<i64>) -> Result<Option<i64>, StoreError> {
+    fn balance_at(&self, card: &CardNumber, head: Option<i64>, at: i64) -> Result<Option<i64>, StoreError> {
         self.snapshot(|conn| {
-            let Some(head) = read_head(conn, card)? else {
+            let Some(opened) = read_opened(conn, card)? else {
                 return Ok(None);
             };
-            let Some(at) = at_unix_ms else {
-                return Ok(Some(head.balance));
-            };
             // The last leg committed at or before `at`; before any, the opening balance.
-            let mut balance = head.opening_balance;
-            walk(conn, card.as_str(), head.last_transaction_id, |_, row| {
+            let mut balance = opened.opening_balance;
+            walk(conn, card.as_str(), head, |_, row| {
                 if row.created_at_ms <= at {
                     balance = row
                         .side(card.as_str())
@@ -200,29 +192,52 @@ impl Reader for SqliteReader {
         })
     }
 
-    fn account(&self, card: &CardNumber) -> Result<Option<AccountView>, StoreError> {
+    fn current(&self, card: &CardNumber) -> Result<Option<AccountState>, StoreError> {
         self.snapshot(|conn| {
-            Ok(read_head(conn, card)?.map(|head| AccountView {
-                card_number: card.as_str().to_owned(),
-                balance: head.balance,
-                available: head.balance,
-                created_at_ms: head.created_at_ms,
-            }))
+            // The row first: the view reads the journal's tail, which a card that does not exist
+            // should not cost.
+            if read_opened(conn, card)?.is_none() {
+                return Ok(None);
+            }
+            conn.prepare_cached(SELECT_CURRENT)?
+                .query_row([card.as_str()], |row| {
+                    Ok(AccountState {
+                        balance: row.get(0)?,
+                        last_transaction_id: row.get(1)?,
+                    })
+                })
+                .optional()
         })
+    }
+
+    fn opened_at(&self, card: &CardNumber) -> Result<Option<i64>, StoreError> {
+        self.snapshot(|conn| Ok(read_opened(conn, card)?.map(|opened| opened.created_at_ms)))
     }
 
     fn transaction(&self, id: i64) -> Result<Option<TransactionView>, StoreError> {
         self.snapshot(|conn| read_transaction(conn, id))
     }
 
-    fn transaction_by_key(&self, key: &IdempotencyKey) -> Result<Option<TransactionView>, StoreError> {
+    fn transaction_by_key(
+        &self,
+        key: &IdempotencyKey,
+        records: &[i64],
+    ) -> Result<Option<TransactionView>, StoreError> {
         self.snapshot(|conn| {
-            let id: Option<i64> = conn
-                .prepare_cached(SELECT_TRANSACTION_BY_KEY)?
-                .query_row([key.as_str()], |row| row.get(0))
-                .optional()?;
-            match id {
-                Some(id) => read_transaction(conn, id),
+            let mut newest: Option<(i64, i64)> = None;
+            for record in records {
+                let found: Option<(String, Option<i64>)> = conn
+                    .prepare_cached(SELECT_KEY_RECORD)?
+                    .query_row([record], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()?;
+                if let Some((name, Some(transaction))) = found {
+                    if name == key.as_str() && newest.is_none_or(|(at, _)| *record > at) {
+                        newest = Some((*record, transaction));
+                    }
+                }
+            }
+            match newest {
+                Some((_, id)) => read_transaction(conn, id),
                 None => Ok(None),
             }
         })
@@ -231,23 +246,24 @@ impl Reader for SqliteReader {
     fn entries(
         &self,
         card: &CardNumber,
+        head: Option<i64>,
         limit: u32,
         starting_after: Option<i64>,
     ) -> Result<Option<EntriesPage>, StoreError> {
         let account = card.as_str();
         self.snapshot(|conn| {
-            let Some(head) = read_head(conn, card)? else {
+            if read_opened(conn, card)?.is_none() {
                 return Ok(None);
-            };
+            }
             // Where the page starts: right after the cursor when it is one of this account's
             // transactions (one lookup), else after the newest one older than it (a walk).
-            let mut start = head.last_transaction_id;
+            let mut start = head;
             if let Some(cursor) = starting_after {
                 match read_row(conn, cursor)?.as_ref().and_then(|row| row.side(account)) {
                     Some((leg, _)) => start = leg.previous_id,
                     None => {
                         let mut first_older = None;
-                        walk(conn, account, head.last_transaction_id, |id, _| {
+                        walk(conn, account, head, |id, _| {
                             if id < cursor {
                                 first_older = Some(id);
                                 return false;

@@ -1,5 +1,6 @@
 //! What a database file holds, and making it the current schema: a new file is created and
-//! seeded, a version-1 file is upgraded in place, and anything else is refused untouched.
+//! seeded, a version-1 or version-2 file is upgraded in place (in one transaction), and anything
+//! else is refused untouched.
 
 use std::path::Path;
 
@@ -8,10 +9,11 @@ use rusqlite::{Connection, TransactionBehavior};
 use crate::store::StoreError;
 
 /// The schema this binary writes (`PRAGMA user_version`).
-pub const VERSION: i64 = 2;
+pub const VERSION: i64 = 3;
 
 pub(super) const SCHEMA: &str = include_str!("schema.sql");
 const MIGRATE_V1_TO_V2: &str = include_str!("migrate_v1_to_v2.sql");
+const MIGRATE_V2_TO_V3: &str = include_str!("migrate_v2_to_v3.sql");
 
 /// The first step of the version-1 upgrade: move the old tables out of the new names' way.
 const V1_SET_ASIDE: &str = "DROP TRIGGER journal_rows_are_immutable; \
@@ -37,6 +39,8 @@ enum Found {
     Empty,
     /// A database of the releases before the double-entry ledger.
     Version1,
+    /// The ledger with balances written in every commit and idempotency keys in a B-tree.
+    Version2,
     Current,
     Newer(i64),
     /// Tables, but not tallyd's: another program's database.
@@ -57,6 +61,8 @@ fn inspect(conn: &Connection) -> Result<Found, StoreError> {
         Found::Empty
     } else if version == VERSION && has(&["ledger_accounts", "transactions", "entries", "idempotency_keys"]) {
         Found::Current
+    } else if version == 2 && has(&["ledger_accounts", "transactions", "entries", "idempotency_keys"]) {
+        Found::Version2
     } else if version == 1 && has(&["accounts", "journal"]) {
         Found::Version1
     } else {
@@ -97,6 +103,7 @@ pub fn prepare(conn: &mut Connection, path: &Path, seed: Option<&Path>) -> Resul
             Ok(())
         }
         Found::Version1 => upgrade_from_v1(conn, path),
+        Found::Version2 => upgrade_from_v2(conn, path),
         Found::Newer(version) => Err(StoreError::Unusable(format!(
             "{db} has schema version {version}, newer than this tallyd's ({VERSION}); run a newer release"
         ))),
@@ -109,8 +116,8 @@ pub fn prepare(conn: &mut Connection, path: &Path, seed: Option<&Path>) -> Resul
     }
 }
 
-/// Version 1 to 2, in one transaction: every journal row becomes a deposit or a withdrawal with
-/// the same id; nothing is changed if anything fails.
+/// Version 1 to the current schema, in one transaction: every journal row becomes a deposit or a
+/// withdrawal with the same id; nothing is changed if anything fails.
 fn upgrade_from_v1(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let broken: i64 = tx.query_row(V1_BROKEN_ROWS, [], |row| row.get(0))?;
@@ -127,6 +134,16 @@ fn upgrade_from_v1(conn: &mut Connection, path: &Path) -> Result<(), StoreError>
     tx.execute_batch(MIGRATE_V1_TO_V2)?;
     tx.commit()?;
     tracing::info!(db = %path.display(), journal_rows = rows, "upgraded the database from schema version 1 to {VERSION}");
+    Ok(())
+}
+
+/// Version 2 to 3, in one transaction: the balance checkpoint is set at the last transaction
+/// (version 2 wrote every balance in its commit) and the idempotency records are appended anew.
+fn upgrade_from_v2(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(MIGRATE_V2_TO_V3)?;
+    tx.commit()?;
+    tracing::info!(db = %path.display(), "upgraded the database from schema version 2 to {VERSION}");
     Ok(())
 }
 
@@ -181,9 +198,9 @@ mod tests {
             "{error}"
         );
         assert_eq!(tables(&conn), before);
-        conn.execute_batch("DROP TABLE users; PRAGMA user_version = 3; CREATE TABLE t (x);")
+        conn.execute_batch("DROP TABLE users; PRAGMA user_version = 4; CREATE TABLE t (x);")
             .unwrap();
         let error = prepare(&mut conn, &path, None).unwrap_err().to_string();
-        assert!(error.contains("schema version 3"), "{error}");
+        assert!(error.contains("schema version 4"), "{error}");
     }
 }

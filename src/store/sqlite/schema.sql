@@ -1,15 +1,16 @@
--- tallyd schema, version 2: a double-entry ledger. tallyd runs this file inside one transaction when
+-- tallyd schema, version 3: a double-entry ledger. tallyd runs this file inside one transaction when
 -- it creates a database (then the seed adds accounts) and when it upgrades a version-1 database.
 -- Amounts are integers in minor units (cents); STRICT tables refuse any value of another type, so no
 -- float can reach a balance.
 
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;
 
 -- Every account: the cards, and '@world', the system account for the outside world that every deposit
 -- comes from and every withdrawal goes to (it may go negative; it is not a card). opening_balance never
--- changes; balance is the balance after the account's last transaction, last_transaction_id (NULL before
--- any), the head of the chain of its transactions. Both are updated in place once per batch that touches
--- the account, so a commit rewrites rows where they are and never splits this table's pages.
+-- changes. balance and last_transaction_id (NULL before any) are the account's state as of the balance
+-- checkpoint (ledger_checkpoint) or later: a commit only appends to transactions, and tallyd writes the
+-- balances of the accounts that moved back here in the background. The current state is the view
+-- current_accounts: this row, overridden by the account's last leg after the checkpoint.
 CREATE TABLE ledger_accounts (
     name                TEXT    NOT NULL PRIMARY KEY
                         CHECK (name = '@world'
@@ -47,20 +48,32 @@ CREATE TABLE transactions (
     created_at_ms             INTEGER NOT NULL
 ) STRICT;
 
+-- The balance checkpoint: every ledger_accounts row holds its account's state after every leg with an id
+-- up to transaction_id (some rows are further ahead). Start-up reads the rows and replays the
+-- transactions after it; the background write-back moves it forward in the same SQLite transaction as
+-- its last rows.
+CREATE TABLE ledger_checkpoint (
+    id             INTEGER NOT NULL PRIMARY KEY CHECK (id = 1),
+    transaction_id INTEGER NOT NULL
+) STRICT;
+
+INSERT INTO ledger_checkpoint (id, transaction_id) VALUES (1, 0);
+
 -- The answer first given to a request with an Idempotency-Key, written in the same transaction as its
--- effect, so that a retry gets the same answer and never a second effect. Pruned by age.
+-- effect, so that a retry gets the same answer and never a second effect. Appended in id order (ids are
+-- assigned by the one writer, and created_at_ms never decreases with them), pruned by age from the start.
+-- There is no index on the key: tallyd keeps an index of the live keys in memory, loaded at start-up, and
+-- it is the one writer, so (scope, idempotency_key) is unique by construction; `tallyd verify` checks it.
 CREATE TABLE idempotency_keys (
+    id              INTEGER NOT NULL PRIMARY KEY,
     scope           TEXT    NOT NULL,
     idempotency_key TEXT    NOT NULL,
     fingerprint     TEXT    NOT NULL,
     status          INTEGER NOT NULL,
     body            BLOB    NOT NULL,
     transaction_id  INTEGER,
-    created_at_ms   INTEGER NOT NULL,
-    PRIMARY KEY (scope, idempotency_key)
-) STRICT, WITHOUT ROWID;
-
-CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at_ms);
+    created_at_ms   INTEGER NOT NULL
+) STRICT;
 
 CREATE TRIGGER transactions_are_immutable BEFORE UPDATE ON transactions
 BEGIN
@@ -81,10 +94,22 @@ UNION ALL
 SELECT destination, id, destination_amount, destination_balance_after, destination_previous_id
 FROM transactions;
 
--- The card accounts with their balances, as version 1 stored them (reading tools keep working).
+-- Every account's current state: its checkpointed row, overridden by its last leg after the checkpoint.
+CREATE VIEW current_accounts AS
+SELECT a.name, a.opening_balance,
+       coalesce(t.balance_after, a.balance) AS balance,
+       coalesce(t.last_id, a.last_transaction_id) AS last_transaction_id,
+       a.created_at_ms
+FROM ledger_accounts a
+LEFT JOIN (SELECT account, balance_after, max(transaction_id) AS last_id
+           FROM entries
+           WHERE transaction_id > (SELECT transaction_id FROM ledger_checkpoint)
+           GROUP BY account) t ON t.account = a.name;
+
+-- The card accounts with their current balances, as version 1 stored them (reading tools keep working).
 CREATE VIEW accounts AS
 SELECT name AS card_number, opening_balance, balance, created_at_ms
-FROM ledger_accounts
+FROM current_accounts
 WHERE name <> '@world';
 
 -- An operator may open an account by hand, as with version 1: INSERT INTO accounts (card_number,

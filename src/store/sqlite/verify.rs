@@ -50,22 +50,35 @@ const INVARIANTS: &[(&str, &str)] = &[
          WHERE previous_id IS NOT expected",
     ),
     (
-        "every account's balance and last transaction are its last leg's (its opening balance before any)",
-        "SELECT count(*) FROM ledger_accounts a LEFT JOIN \
+        "every account's current balance and last transaction are its last leg's (its opening balance before any)",
+        "SELECT count(*) FROM current_accounts a LEFT JOIN \
            (SELECT account, max(transaction_id) AS last FROM entries GROUP BY account) l ON l.account = a.name \
          WHERE a.last_transaction_id IS NOT l.last \
             OR a.balance <> coalesce((SELECT e.balance_after FROM entries e \
                  WHERE e.account = a.name AND e.transaction_id = l.last), a.opening_balance)",
     ),
     (
+        "every account's stored row is its state at one of its legs, at the balance checkpoint or later",
+        "SELECT count(*) FROM ledger_accounts a \
+         WHERE a.balance <> coalesce((SELECT e.balance_after FROM entries e \
+                 WHERE e.account = a.name AND e.transaction_id = a.last_transaction_id), a.opening_balance) \
+            OR coalesce(a.last_transaction_id, 0) < coalesce((SELECT max(e.transaction_id) FROM entries e \
+                 WHERE e.account = a.name \
+                   AND e.transaction_id <= (SELECT transaction_id FROM ledger_checkpoint)), 0)",
+    ),
+    (
         "no card's balance below zero, ever",
         "SELECT (SELECT count(*) FROM entries WHERE balance_after < 0 AND account <> '@world') + \
-                (SELECT count(*) FROM ledger_accounts WHERE (opening_balance < 0 OR balance < 0) \
+                (SELECT count(*) FROM current_accounts WHERE (opening_balance < 0 OR balance < 0) \
                    AND name <> '@world')",
     ),
     (
         "every amount is positive and within the per-transaction limit",
         "SELECT count(*) FROM transactions WHERE amount <= 0 OR amount > 1000000000000",
+    ),
+    (
+        "no two idempotency records share a route and a key",
+        "SELECT count(*) FROM (SELECT 1 FROM idempotency_keys GROUP BY scope, idempotency_key HAVING count(*) > 1)",
     ),
     (
         "every idempotency record of a transaction names one that exists",
@@ -110,7 +123,7 @@ pub fn verify(path: &Path) -> Result<(i64, Vec<Check>), StoreError> {
 /// Whether every balance together equals every opening balance together, summed as i128: SQLite's
 /// `SUM` stops at i64, and balances near i64::MAX are legal.
 fn conserved(conn: &Connection) -> Result<bool, StoreError> {
-    let mut stmt = conn.prepare("SELECT opening_balance, balance FROM ledger_accounts")?;
+    let mut stmt = conn.prepare("SELECT opening_balance, balance FROM current_accounts")?;
     let mut rows = stmt.query([])?;
     let (mut opening, mut now) = (0_i128, 0_i128);
     while let Some(row) = rows.next()? {
