@@ -98,9 +98,13 @@ const SELECT_IDEMPOTENCY: &str =
     "SELECT scope, idempotency_key, fingerprint, status, body FROM idempotency_keys WHERE id = ?1";
 const SELECT_KEYS: &str = "SELECT id, scope, idempotency_key FROM idempotency_keys ORDER BY id";
 const SELECT_NEXT_KEY_ID: &str = "SELECT coalesce(max(id), 0) + 1 FROM idempotency_keys";
-/// The oldest first: ids grow with time, so these are the first rows of the table.
+/// The oldest first: ids grow with time (the engine never dates a record earlier than the one
+/// before), so the expired records are the first rows of the table, and only the first `?2` rows
+/// are read. (Filtering the whole table by age instead would read all of it every second, as
+/// there is no index on the age.)
 const PRUNE_IDEMPOTENCY: &str = "DELETE FROM idempotency_keys WHERE id IN \
-     (SELECT id FROM idempotency_keys WHERE created_at_ms < ?1 ORDER BY id LIMIT ?2) \
+     (SELECT id FROM (SELECT id, created_at_ms FROM idempotency_keys ORDER BY id LIMIT ?2) \
+      WHERE created_at_ms < ?1) \
      RETURNING id, scope, idempotency_key";
 const SELECT_ACCOUNTS: &str = "SELECT name, balance, last_transaction_id FROM ledger_accounts";
 const SELECT_NEXT_ID: &str = "SELECT coalesce(max(id), 0) + 1, \
