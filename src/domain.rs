@@ -106,6 +106,59 @@ impl CardNumber {
     }
 }
 
+/// A card number packed into 8 bytes, for the engine's table of millions of accounts: the digits'
+/// value offset by how many shorter numbers exist, so that every card number (6 to 19 digits,
+/// leading zeros included) has exactly one key, and the keys of numbers of one length keep their
+/// order. All of them fit: there are about 1.1 × 10^19 card numbers and 1.8 × 10^19 keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CardKey(u64);
+
+/// How many card numbers are shorter than `digits` digits, for each length from 6 to 20.
+const fn card_key_offsets() -> [u64; CARD_DIGITS_MAX + 2] {
+    let mut offsets = [0u64; CARD_DIGITS_MAX + 2];
+    let mut length = CARD_DIGITS_MIN;
+    while length <= CARD_DIGITS_MAX {
+        offsets[length + 1] = offsets[length] + 10u64.pow(length as u32);
+        length += 1;
+    }
+    offsets
+}
+const CARD_KEY_OFFSETS: [u64; CARD_DIGITS_MAX + 2] = card_key_offsets();
+
+impl CardKey {
+    /// The key of a card number given as its digits alone; `None` for anything else.
+    pub fn from_digits(digits: &str) -> Option<Self> {
+        let bytes = digits.as_bytes();
+        if !(CARD_DIGITS_MIN..=CARD_DIGITS_MAX).contains(&bytes.len())
+            || !bytes.iter().all(u8::is_ascii_digit)
+        {
+            return None;
+        }
+        // 19 digits fit in a u64 (10^19 - 1 < 2^64), and so does the offset added to them.
+        let value = bytes
+            .iter()
+            .fold(0u64, |value, digit| value * 10 + u64::from(digit - b'0'));
+        Some(Self(CARD_KEY_OFFSETS[bytes.len()] + value))
+    }
+
+    pub fn of(card: &CardNumber) -> Self {
+        Self::from_digits(card.as_str()).expect("a parsed card number is 6 to 19 digits")
+    }
+
+    /// The card number back, with its leading zeros.
+    pub fn card(self) -> CardNumber {
+        let length = (CARD_DIGITS_MIN..=CARD_DIGITS_MAX)
+            .find(|length| self.0 < CARD_KEY_OFFSETS[length + 1])
+            .expect("every key is below the offset past 19 digits");
+        let value = self.0 - CARD_KEY_OFFSETS[length];
+        CardNumber(format!("{value:0length$}"))
+    }
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
 impl fmt::Display for CardNumber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -297,6 +350,34 @@ impl IdempotencyKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_card_number_has_one_key_and_comes_back_from_it() {
+        for text in [
+            "000000",
+            "999999",
+            "0000000",
+            "123456",
+            "4000000000000001",
+            "0000000000000000001",
+            "9999999999999999999",
+        ] {
+            let card = CardNumber::parse(text).unwrap();
+            assert_eq!(CardKey::of(&card).card(), card, "{text}");
+        }
+        let key = |text| CardKey::from_digits(text).unwrap();
+        assert!(key("999999") < key("0000000"), "shorter numbers first");
+        assert_ne!(key("000001"), key("0000001"), "leading zeros count");
+        assert!(key("4000000000000001") < key("4000000000000002"));
+        assert_eq!(key("000000").get(), 0);
+        assert_eq!(
+            key("9999999999999999999").get(),
+            CARD_KEY_OFFSETS[CARD_DIGITS_MAX + 1] - 1
+        );
+        for bad in ["12345", "12345678901234567890", "12a456", ""] {
+            assert_eq!(CardKey::from_digits(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn card_numbers_are_six_to_nineteen_ascii_digits() {

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 type Map<K, V> = HashMap<K, V, ahash::RandomState>;
 type Set<K> = HashSet<K, ahash::RandomState>;
 
+use super::accounts::Accounts;
 use super::keys::KeyIndex;
 use crate::domain::{
     Account, Amount, CardNumber, Command, IdempotencyKey, Kind, OpenAccountRequest, TransactionRequest,
@@ -139,11 +140,15 @@ pub const WRITE_BACK_LAG_TRANSACTIONS: i64 = 200_000;
 /// rows catch up soon after its traffic stops.
 pub const WRITE_BACK_PERIOD: Duration = Duration::from_secs(5);
 
+/// Most table slots one write-back step scans for accounts it owes, so that a step over ten
+/// million accounts of which few moved stays a millisecond or so.
+pub const WRITE_BACK_SCAN_SLOTS: usize = 1 << 18;
+
 /// The committed state, shared with the read routes.
 #[derive(Default)]
 pub struct Committed {
-    /// Balance and last transaction of every card account.
-    cards: Map<CardNumber, AccountState>,
+    /// Balance and last transaction of every card account, with the write-back's marks.
+    cards: Accounts,
     /// The outside world's.
     world: AccountState,
     /// The live idempotency keys.
@@ -153,7 +158,12 @@ pub struct Committed {
 impl Committed {
     /// A card account's committed state; `None` without such an account.
     pub fn card(&self, card: &CardNumber) -> Option<AccountState> {
-        self.cards.get(card).copied()
+        self.cards.get(card)
+    }
+
+    /// Card accounts, and the bytes their table holds.
+    pub fn accounts_memory(&self) -> (usize, usize) {
+        (self.cards.len(), self.cards.heap_bytes())
     }
 
     /// The idempotency record that may hold `key` on the route `scope` (see [`KeyIndex::candidate`]).
@@ -181,15 +191,15 @@ impl SharedState {
     }
 }
 
-/// Which accounts' rows are behind, and the write-back round under way.
+/// The write-back round under way. Which card rows are behind is marked in the table itself.
 #[derive(Default)]
 struct WriteBack {
-    /// Card accounts that moved since the current round began.
-    dirty_cards: Set<CardNumber>,
+    /// The outside world's row is behind (it moved since the current round began).
     dirty_world: bool,
-    /// The round under way, in name order, and how far it got.
-    round: Vec<Account>,
-    written: usize,
+    /// Where the round's scan of the table is; `None` between rounds.
+    cursor: Option<usize>,
+    /// The outside world's row is this round's to write.
+    world_in_round: bool,
     /// The checkpoint the round moves to when its last chunk is written.
     through: i64,
     /// The checkpoint now in the store.
@@ -199,11 +209,7 @@ struct WriteBack {
 
 impl WriteBack {
     fn is_idle(&self) -> bool {
-        self.written >= self.round.len()
-    }
-
-    fn has_dirty(&self) -> bool {
-        self.dirty_world || !self.dirty_cards.is_empty()
+        self.cursor.is_none()
     }
 }
 
@@ -272,36 +278,36 @@ impl<S: Store> Ledger<S> {
         } = self.store.load()?;
         self.last_at_ms = self.last_at_ms.max(last_at_unix_ms);
         self.totals = Totals {
-            balance_sum: cards.iter().map(|(_, state)| i128::from(state.balance)).sum(),
+            balance_sum: cards.iter().map(|card| i128::from(card.balance)).sum(),
             accounts: cards.len() as i64,
         };
         let mut index = KeyIndex::default();
         for name in &keys {
             index.insert(name.id, &name.scope, &name.key);
         }
+        // The rows that are behind are exactly the accounts the replay moved; a round under way
+        // starts over from them.
+        let mut write_back = WriteBack {
+            last_round: self.write_back.last_round,
+            checkpoint,
+            ..WriteBack::default()
+        };
         {
             let mut committed = self.committed.write();
-            committed.cards = cards.into_iter().collect();
+            // The old table first: two of them at once would double the peak.
+            committed.cards = Accounts::default();
+            committed.cards = Accounts::new(cards);
+            for account in behind {
+                match account {
+                    Account::Card(card) => committed.cards.mark_behind(&card),
+                    Account::World => write_back.dirty_world = true,
+                }
+            }
             committed.world = world;
             committed.keys = index;
         }
         self.next_id = next_transaction_id;
         self.next_key_id = next_key_id;
-        // The rows that are behind are exactly the accounts the replay moved; a round under way
-        // starts over from them.
-        let mut write_back = WriteBack {
-            last_round: self.write_back.last_round,
-            ..WriteBack::default()
-        };
-        for account in behind {
-            match account {
-                Account::Card(card) => {
-                    write_back.dirty_cards.insert(card);
-                }
-                Account::World => write_back.dirty_world = true,
-            }
-        }
-        write_back.checkpoint = checkpoint;
         self.write_back = write_back;
         self.stale = false;
         Ok(())
@@ -400,32 +406,52 @@ impl<S: Store> Ledger<S> {
             self.start_round();
         }
         let wb = &mut self.write_back;
-        let end = (wb.written + WRITE_BACK_CHUNK_ACCOUNTS).min(wb.round.len());
-        let chunk: Vec<(Account, AccountState)> = {
-            let committed = self.committed.read();
-            wb.round[wb.written..end]
-                .iter()
-                .filter_map(|account| {
-                    let state = match account {
-                        Account::Card(card) => committed.card(card)?,
-                        Account::World => committed.world,
-                    };
-                    Some((account.clone(), state))
-                })
-                .collect()
+        let mut cards = Vec::new();
+        let next = {
+            let mut committed = self.committed.write();
+            let cursor = wb.cursor.unwrap_or(0);
+            committed.cards.take_behind(
+                cursor,
+                WRITE_BACK_CHUNK_ACCOUNTS,
+                WRITE_BACK_SCAN_SLOTS,
+                &mut cards,
+            )
         };
-        let last = end == wb.round.len();
+        let mut chunk: Vec<(Account, AccountState)> = Vec::with_capacity(cards.len() + 1);
+        let world = std::mem::take(&mut wb.world_in_round);
+        if world {
+            chunk.push((Account::World, self.committed.read().world));
+        }
+        chunk.extend(
+            cards
+                .into_iter()
+                .map(|(card, state)| (Account::Card(card), state)),
+        );
+        let last = next.is_none();
+        if chunk.is_empty() && !last {
+            // A stretch of the table with nothing owed: nothing to write yet.
+            wb.cursor = next;
+            return Ok(true);
+        }
         let checkpoint = last.then_some(wb.through);
         if let Err(error) = self.store.write_back(&chunk, checkpoint) {
+            // Nothing was written: mark the chunk's rows as owed again, and go over it again.
+            let wb = &mut self.write_back;
+            wb.world_in_round |= world;
+            let mut committed = self.committed.write();
+            for (account, _) in &chunk {
+                if let Account::Card(card) = account {
+                    committed.cards.mark_behind(card);
+                }
+            }
+            drop(committed);
             self.noticed(&error);
             return Err(error);
         }
         let wb = &mut self.write_back;
-        wb.written = end;
+        wb.cursor = next;
         if last {
             wb.checkpoint = wb.through;
-            wb.round = Vec::new();
-            wb.written = 0;
             wb.last_round = Some(now);
         }
         Ok(!last)
@@ -442,24 +468,16 @@ impl<S: Store> Ledger<S> {
         }
         let far_future = Instant::now() + WRITE_BACK_PERIOD;
         while self.write_back_step(far_future)? {}
-        // Accounts that moved during the round (none at a stop: the queue is closed).
-        if self.write_back.has_dirty() {
-            self.start_round();
-            while self.write_back_step(far_future)? {}
-        }
         Ok(())
     }
 
+    /// A round writes every row marked behind when it starts (and any marked while it scans),
+    /// in the table's order, which is the rows' order for card numbers of one length, so that each
+    /// chunk rewrites neighbouring pages.
     fn start_round(&mut self) {
         let wb = &mut self.write_back;
-        let mut round: Vec<Account> = wb.dirty_cards.drain().map(Account::Card).collect();
-        if std::mem::take(&mut wb.dirty_world) {
-            round.push(Account::World);
-        }
-        // In the rows' order (by name), so that each chunk rewrites neighbouring pages.
-        round.sort_unstable_by(|a, b| a.name().cmp(b.name()));
-        wb.round = round;
-        wb.written = 0;
+        wb.world_in_round = std::mem::take(&mut wb.dirty_world);
+        wb.cursor = Some(0);
         wb.through = self.next_id - 1;
     }
 
@@ -533,22 +551,13 @@ impl<S: Store> Ledger<S> {
             .sum();
         self.totals.balance_sum += card_delta;
         self.totals.accounts += staging.batch.accounts.len() as i64;
-        let wb = &mut self.write_back;
         let mut committed = self.committed.write();
         for (card, state) in staging.cards {
-            // In place: cloning the card for an account that exists would allocate for nothing.
-            match committed.cards.get_mut(card) {
-                Some(current) => *current = state,
-                None => {
-                    committed.cards.insert(card.clone(), state);
-                }
-            }
-            if state.last_transaction_id.is_some() && !wb.dirty_cards.contains(card) {
-                wb.dirty_cards.insert(card.clone());
-            }
+            // Marks the row for the write-back when the account moved.
+            committed.cards.set(card, state);
         }
         if committed.world != staging.world {
-            wb.dirty_world = true;
+            self.write_back.dirty_world = true;
         }
         committed.world = staging.world;
         for record in &staging.batch.idempotency {
@@ -664,7 +673,7 @@ fn open_account<'a>(
     staging: &mut Staging<'a>,
     open: &'a OpenAccountRequest,
 ) -> Result<Outcome, Refusal> {
-    if committed.cards.contains_key(&open.card) || staging.opened.contains(&open.card) {
+    if committed.cards.contains(&open.card) || staging.opened.contains(&open.card) {
         return Err(Refusal::AccountExists);
     }
     staging.opened.insert(&open.card);

@@ -21,6 +21,7 @@
 //! default): with fewer clients than the batch limit, waiting only adds latency, and batches grow
 //! by themselves under load because requests pile up during each fsync.
 
+mod accounts;
 mod keys;
 pub mod ledger;
 mod worker;

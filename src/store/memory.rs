@@ -7,9 +7,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::{
-    AccountState, Batch, KeyName, LedgerState, Store, StoreError, StoredAnswer, StoredKey, TransactionRecord,
+    AccountState, Batch, KeyName, LedgerState, PackedAccount, Store, StoreError, StoredAnswer, StoredKey,
+    TransactionRecord,
 };
-use crate::domain::{Account, CardNumber};
+use crate::domain::{Account, CardKey, CardNumber};
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -107,7 +108,7 @@ impl Store for MemoryStore {
                 state.behind.push(account.clone());
             }
             match account {
-                Account::Card(card) => state.cards.push((card, current)),
+                Account::Card(card) => state.cards.push(PackedAccount::new(CardKey::of(&card), current)),
                 Account::World => state.world = current,
             }
         }

@@ -28,7 +28,7 @@ pub mod sqlite;
 
 use serde::Serialize;
 
-use crate::domain::{Account, CardNumber, IdempotencyKey, Kind, Reference};
+use crate::domain::{Account, CardKey, CardNumber, IdempotencyKey, Kind, Reference};
 
 /// One account's committed state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -38,11 +38,30 @@ pub struct AccountState {
     pub last_transaction_id: Option<i64>,
 }
 
+/// One card account as loaded: its packed card number, balance and last transaction (0 before
+/// any), 24 bytes, so that ten million of them load into one vector without another copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackedAccount {
+    pub key: CardKey,
+    pub balance: i64,
+    pub last_transaction_id: u64,
+}
+
+impl PackedAccount {
+    pub fn new(key: CardKey, state: AccountState) -> Self {
+        Self {
+            key,
+            balance: state.balance,
+            last_transaction_id: state.last_transaction_id.map_or(0, |id| id as u64),
+        }
+    }
+}
+
 /// What the engine needs at start-up (and after a failed commit) to decide batches without reads.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LedgerState {
     /// Every card account and its committed state (the journal replayed past the checkpoint).
-    pub cards: Vec<(CardNumber, AccountState)>,
+    pub cards: Vec<PackedAccount>,
     /// The accounts whose stored row is behind their committed state: the next write-back's.
     pub behind: Vec<Account>,
     /// The balance checkpoint: every account's row has every leg up to this transaction id.
