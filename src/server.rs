@@ -42,6 +42,7 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 /// The binary's entry point: a tokio runtime, a listener, and SIGINT/SIGTERM as the shutdown signal.
 pub fn serve_until_signal(config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let started = std::time::Instant::now();
     runtime.block_on(async {
         // Registered before anything is logged, so that a SIGTERM right after `listening` drains too.
         let shutdown = shutdown_signal()?;
@@ -50,7 +51,7 @@ pub fn serve_until_signal(config: Config) -> Result<ExitCode, Box<dyn std::error
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(ServerError::Listen)?;
-        run(listener, store, config, shutdown).await?;
+        run(listener, store, config, shutdown, started).await?;
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -78,6 +79,7 @@ pub async fn run(
     store: SqliteStore,
     config: Config,
     shutdown: impl Future<Output = ()>,
+    started: std::time::Instant,
 ) -> Result<(), ServerError> {
     let (engine, workers) = {
         let config = config.clone();
@@ -108,7 +110,10 @@ pub async fn run(
     });
 
     let address = listener.local_addr().map_err(ServerError::Listen)?;
-    tracing::info!(addr = %address, db = %config.db.display(), durability = ?config.durability, "listening");
+    // How long the start took (the database opened, every account loaded, the journal replayed):
+    // the benchmark reads it.
+    let started_in_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(addr = %address, db = %config.db.display(), durability = ?config.durability, started_in_ms, "listening");
     let connections = accept_until(listener, &app, &config, shutdown).await;
     drain(connections).await;
 

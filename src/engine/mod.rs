@@ -96,7 +96,13 @@ impl Engine {
         config: &Config,
         render: Render,
     ) -> Result<(Engine, Workers), StoreError> {
+        let loading = std::time::Instant::now();
         let ledger = Ledger::load(store, render)?;
+        tracing::info!(
+            accounts = ledger.totals().accounts,
+            ms = loading.elapsed().as_millis() as u64,
+            "loaded every balance"
+        );
         let committed = ledger.shared();
         let totals = ledger.totals();
         let state = Arc::new(EngineState {

@@ -16,7 +16,7 @@
 //!   passive checkpoint, which blocks no one; the writer's automatic checkpoint (every 64 MiB of
 //!   WAL) then has little left to copy. Measured at 256 connections, this took p99 from 14 to 10 ms
 //!   with `full` and from 54 to 11 ms with `normal`, where checkpoints had stalled commits.
-//! * `cache_size` of 4 MiB and `mmap_size` of 1 GiB: see [`WRITE_CACHE_KIB`] for why the cache is small.
+//! * `cache_size` of 4 MiB and no memory map: see [`WRITE_CACHE_KIB`].
 //!
 //! What a batch writes: one `transactions` row per movement, both legs in it, and one
 //! `idempotency_keys` row per keyed request, both appended (ids grow, so the tables only ever gain
@@ -43,7 +43,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
 pub use reader::SqliteReader;
 pub use verify::{verify, Check};
@@ -58,17 +58,14 @@ use crate::domain::{Account, CardKey, WORLD_ACCOUNT};
 /// The seed accounts used when no `--seed` file is given.
 pub const BUILTIN_SEED: &str = include_str!("../../../users.db.sql");
 
-/// The page cache of the write connection, in KiB (a negative `cache_size` means KiB). Small on
-/// purpose: when a random insert (an idempotency key) splits a B-tree page, SQLite's page
-/// reordering passes through the lock page's number, and the commit then scans the whole cache's
-/// hash table (`pcache1TruncateUnsafe`, 15% of the writer's time with 64 MiB). Reads that miss it are
-/// served from the memory map below, without a system call. Measured (8 s runs, 256 connections,
-/// alternating): keyed POST /transaction 33-34k/s with 64 MiB, 35-40k/s with 4 MiB and the map;
-/// unkeyed the same (48-54k/s) either way.
+/// The page cache of the write connection, in KiB (a negative `cache_size` means KiB). A commit
+/// only appends, so it needs the last pages of two tables; the write-back walks the accounts in
+/// name order, so it needs the pages of one run at a time; the operating system's page cache holds
+/// the rest of the file. (Version 2 ran with a 1 GiB memory map beside this cache, for random
+/// reads: every page it touches counts in the process's resident memory, which at ten million
+/// accounts was the whole 430 MB file, read once by the start-up scan. Without random writes it
+/// has nothing left to buy.)
 const WRITE_CACHE_KIB: i64 = 4 * 1024;
-
-/// Database-file pages read through a memory map (reads only: writes still go through the WAL).
-const MMAP_SIZE_BYTES: i64 = 1 << 30;
 
 /// Small pages, because a batch dirties one entries page per card it touches, at random: every
 /// commit writes each dirty page whole into the WAL, so bytes written per transaction scale with
@@ -108,13 +105,20 @@ const PRUNE_IDEMPOTENCY: &str = "DELETE FROM idempotency_keys WHERE id IN \
      (SELECT id FROM (SELECT id, created_at_ms FROM idempotency_keys ORDER BY id LIMIT ?2) \
       WHERE created_at_ms < ?1) \
      RETURNING id, scope, idempotency_key";
-const SELECT_ACCOUNTS: &str = "SELECT name, balance, last_transaction_id FROM ledger_accounts";
+/// The accounts with names from ?1 on, or in [?1, ?2), in name order (two statements, so that
+/// both bounds limit the primary key's range).
+const SELECT_ACCOUNTS_FROM: &str =
+    "SELECT name, balance, last_transaction_id FROM ledger_accounts WHERE name >= ?1 ORDER BY name";
+const SELECT_ACCOUNTS_BETWEEN: &str = "SELECT name, balance, last_transaction_id FROM ledger_accounts \
+     WHERE name >= ?1 AND name < ?2 ORDER BY name";
 const SELECT_NEXT_ID: &str = "SELECT coalesce(max(id), 0) + 1, \
      coalesce((SELECT created_at_ms FROM transactions ORDER BY id DESC LIMIT 1), 0) FROM transactions";
 
 /// The write side of SQLite.
 pub struct SqliteStore {
     conn: Connection,
+    /// For the second connection of a start-up's scan.
+    path: std::path::PathBuf,
     /// `PRAGMA data_version` after our last commit: it changes only when another connection
     /// commits, which is how a write from outside tallyd is noticed.
     data_version: i64,
@@ -202,19 +206,102 @@ impl SqliteStore {
         };
         conn.pragma_update(None, "synchronous", synchronous)?;
         conn.pragma_update(None, "cache_size", -WRITE_CACHE_KIB)?;
-        let _: i64 = conn.query_row(&format!("PRAGMA mmap_size = {MMAP_SIZE_BYTES}"), [], |row| {
-            row.get(0)
-        })?;
         conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
         let checkpointer = Checkpointer::start(path)?;
         let data_version = data_version(&conn)?;
         Ok(Self {
             conn,
+            path: path.to_owned(),
             data_version,
             _lock: lock,
             _checkpointer: checkpointer,
         })
     }
+}
+
+/// What one scan of the accounts found.
+struct Scanned {
+    cards: Vec<PackedAccount>,
+    world: Option<AccountState>,
+    behind: Vec<Account>,
+}
+
+/// The accounts with names in `[low, high)` (either end open), each overridden by its last leg
+/// after the checkpoint (`newer`).
+fn scan_accounts(
+    conn: &Connection,
+    low: Option<&str>,
+    high: Option<&str>,
+    newer: &HashMap<String, AccountState>,
+) -> Result<Scanned, StoreError> {
+    let mut found = Scanned {
+        cards: Vec::new(),
+        world: None,
+        behind: Vec::new(),
+    };
+    let low = low.unwrap_or("");
+    let mut stmt;
+    let mut rows = match high {
+        Some(high) => {
+            stmt = conn.prepare(SELECT_ACCOUNTS_BETWEEN)?;
+            stmt.query(params![low, high])?
+        }
+        None => {
+            stmt = conn.prepare(SELECT_ACCOUNTS_FROM)?;
+            stmt.query(params![low])?
+        }
+    };
+    while let Some(row) = rows.next()? {
+        // Borrowed, not copied: this loop runs once per account, ten million times for ten
+        // million accounts.
+        let name = row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
+        let replayed = newer.get(name).copied();
+        let account = replayed.unwrap_or(AccountState {
+            balance: row.get(1)?,
+            last_transaction_id: row.get(2)?,
+        });
+        if let Some(key) = CardKey::from_digits(name) {
+            found.cards.push(PackedAccount::new(key, account));
+        } else if name == WORLD_ACCOUNT {
+            found.world = Some(account);
+        } else {
+            // The schema's CHECK admits only valid names; anything else was put there by hand.
+            tracing::warn!(account = %name, "ignoring an account whose name is invalid");
+            continue;
+        }
+        if replayed.is_some() {
+            found.behind.push(Account::from_name(name).expect("a valid name"));
+        }
+    }
+    Ok(found)
+}
+
+/// A card number halfway between the first and the last (by name), to split the scan in two; `None`
+/// when there is nothing worth splitting (few accounts, or the ends of different lengths).
+fn split_point(conn: &Connection) -> Result<Option<String>, StoreError> {
+    const SPLIT_ACCOUNTS_MIN: i64 = 100_000;
+    let ends: Option<(String, String)> = conn.query_row(
+        "SELECT (SELECT name FROM ledger_accounts ORDER BY name LIMIT 1), \
+                    (SELECT name FROM ledger_accounts WHERE name < '@' ORDER BY name DESC LIMIT 1)",
+        [],
+        |row| {
+            Ok(row
+                .get::<_, Option<String>>(0)?
+                .zip(row.get::<_, Option<String>>(1)?))
+        },
+    )?;
+    let Some((first, last)) = ends else {
+        return Ok(None);
+    };
+    let (Some(a), Some(b)) = (CardKey::from_digits(&first), CardKey::from_digits(&last)) else {
+        return Ok(None);
+    };
+    if first.len() != last.len() || b.get() - a.get() < SPLIT_ACCOUNTS_MIN as u64 {
+        return Ok(None);
+    }
+    let (a, b): (u64, u64) = (first.parse().unwrap_or(0), last.parse().unwrap_or(0));
+    let width = first.len();
+    Ok(Some(format!("{:0width$}", a + (b - a) / 2)))
 }
 
 fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
@@ -223,7 +310,9 @@ fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
 
 impl Store for SqliteStore {
     fn load(&mut self) -> Result<LedgerState, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let (next_transaction_id, last_at_unix_ms) =
             tx.query_row(SELECT_NEXT_ID, [], |row| Ok((row.get(0)?, row.get(1)?)))?;
         let next_key_id = tx.query_row(SELECT_NEXT_KEY_ID, [], |row| row.get(0))?;
@@ -251,32 +340,33 @@ impl Store for SqliteStore {
                 }
             }
         }
-        {
-            let mut stmt = tx.prepare(SELECT_ACCOUNTS)?;
-            let mut rows = stmt.query([])?;
-            while let Some(row) = rows.next()? {
-                // Borrowed, not copied: this loop runs once per account, ten million times for ten
-                // million accounts.
-                let name = row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
-                let replayed = newer.get(name).copied();
-                let account = replayed.unwrap_or(AccountState {
-                    balance: row.get(1)?,
-                    last_transaction_id: row.get(2)?,
-                });
-                if let Some(key) = CardKey::from_digits(name) {
-                    state.cards.push(PackedAccount::new(key, account));
-                } else if name == WORLD_ACCOUNT {
-                    state.world = account;
-                } else {
-                    // The schema's CHECK admits only valid names; anything else was put there by hand.
-                    tracing::warn!(account = %name, "ignoring an account whose name is invalid");
-                    continue;
-                }
-                if replayed.is_some() {
-                    state.behind.push(Account::from_name(name).expect("a valid name"));
-                }
-            }
+        // The accounts, in two halves of the name range read side by side, one on this connection
+        // and one on another: on two cores, that nearly halves a start-up over millions of them.
+        // The write lock this transaction holds keeps both readers on the same committed state.
+        let split = split_point(&tx)?;
+        let (low, high) = std::thread::scope(|scope| {
+            let newer = &newer;
+            let path = &self.path;
+            let high = split.as_deref().map(|split| {
+                scope.spawn(move || {
+                    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+                    scan_accounts(&conn, Some(split), None, newer)
+                })
+            });
+            let low = scan_accounts(&tx, None, split.as_deref(), newer);
+            let high = high.map(|thread| thread.join().expect("the scan thread panicked"));
+            (low, high)
+        });
+        let mut low = low?;
+        if let Some(high) = high {
+            let high = high?;
+            low.cards.extend_from_slice(&high.cards);
+            low.behind.extend(high.behind);
+            low.world = low.world.or(high.world);
         }
+        state.cards = low.cards;
+        state.behind = low.behind;
+        state.world = low.world.unwrap_or_default();
         {
             let mut stmt = tx.prepare(SELECT_KEYS)?;
             let mut rows = stmt.query([])?;
