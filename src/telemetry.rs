@@ -21,6 +21,10 @@ pub const AVERAGE_BALANCE: &str = "tallyd_average_balance";
 pub const UPTIME: &str = "tallyd_uptime_seconds";
 pub const HTTP_REQUESTS_TOTAL: &str = "tallyd_http_requests_total";
 pub const IDEMPOTENT_REPLAYS_TOTAL: &str = "tallyd_idempotent_replays_total";
+pub const ACCOUNTS: &str = "tallyd_accounts";
+pub const ACCOUNT_TABLE_BYTES: &str = "tallyd_account_table_bytes";
+pub const IDEMPOTENCY_KEYS_LIVE: &str = "tallyd_idempotency_keys_live";
+pub const WRITE_BACK_LAG: &str = "tallyd_write_back_lag_transactions";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -74,6 +78,19 @@ pub fn describe(workers: usize, queue_capacity: usize) {
     describe_gauge!(WORKERS, "Worker threads committing batches");
     describe_gauge!(AVERAGE_BALANCE, "Average account balance in minor units");
     describe_gauge!(UPTIME, "Seconds since start");
+    describe_gauge!(ACCOUNTS, "Card accounts held in memory");
+    describe_gauge!(
+        ACCOUNT_TABLE_BYTES,
+        "Bytes of the engine's table of card accounts (divide by tallyd_accounts for bytes per account)"
+    );
+    describe_gauge!(
+        IDEMPOTENCY_KEYS_LIVE,
+        "Idempotency keys kept and indexed in memory"
+    );
+    describe_gauge!(
+        WRITE_BACK_LAG,
+        "Transactions committed after the balance checkpoint (what a start-up would replay)"
+    );
     describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests by route and status");
     describe_counter!(
         IDEMPOTENT_REPLAYS_TOTAL,
@@ -136,9 +153,24 @@ fn status_label(status: u16) -> metrics::SharedString {
     known.into()
 }
 
+/// What the gauges show, read just before each scrape.
+pub struct Gauges {
+    pub queue_depth: usize,
+    pub average_balance: f64,
+    pub uptime: Duration,
+    pub accounts: usize,
+    pub account_table_bytes: usize,
+    pub idempotency_keys_live: usize,
+    pub write_back_lag: u64,
+}
+
 /// Gauges that are read rather than counted, refreshed just before each scrape.
-pub fn set_gauges(queue_depth: usize, average_balance: f64, uptime: Duration) {
-    gauge!(QUEUE_DEPTH).set(queue_depth as f64);
-    gauge!(AVERAGE_BALANCE).set(average_balance);
-    gauge!(UPTIME).set(uptime.as_secs_f64());
+pub fn set_gauges(gauges: &Gauges) {
+    gauge!(QUEUE_DEPTH).set(gauges.queue_depth as f64);
+    gauge!(AVERAGE_BALANCE).set(gauges.average_balance);
+    gauge!(UPTIME).set(gauges.uptime.as_secs_f64());
+    gauge!(ACCOUNTS).set(gauges.accounts as f64);
+    gauge!(ACCOUNT_TABLE_BYTES).set(gauges.account_table_bytes as f64);
+    gauge!(IDEMPOTENCY_KEYS_LIVE).set(gauges.idempotency_keys_live as f64);
+    gauge!(WRITE_BACK_LAG).set(gauges.write_back_lag as f64);
 }

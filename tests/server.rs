@@ -519,6 +519,15 @@ async fn metrics_and_stats_count_what_was_sent() {
     assert_eq!(series_value(&series, "tallyd_queue_capacity", &[]), Some(8192.0));
     assert!(series_value(&series, "tallyd_queue_depth", &[]).is_some());
     assert!(series_value(&series, "tallyd_uptime_seconds", &[]).unwrap() > 0.0);
+    // The seeded cards, 24 bytes each in the engine's table (the demo card included).
+    assert_eq!(series_value(&series, "tallyd_accounts", &[]), Some(100_001.0));
+    let table = series_value(&series, "tallyd_account_table_bytes", &[]).unwrap();
+    assert!(
+        (100_001.0 * 24.0..100_001.0 * 32.0).contains(&table),
+        "{table} bytes"
+    );
+    assert!(series_value(&series, "tallyd_write_back_lag_transactions", &[]).is_some());
+    assert!(series_value(&series, "tallyd_idempotency_keys_live", &[]).is_some());
     assert!(series_value(&series, "tallyd_batch_size_count", &[]).unwrap() >= 4.0);
     assert!(series
         .iter()

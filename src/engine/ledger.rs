@@ -317,6 +317,11 @@ impl<S: Store> Ledger<S> {
         self.totals
     }
 
+    /// Transactions committed after the balance checkpoint.
+    pub fn write_back_lag(&self) -> u64 {
+        (self.next_id - 1 - self.write_back.checkpoint).max(0) as u64
+    }
+
     /// Re-reads the store if another writer changed it (or a reload is owed), so that an idle
     /// server's reads catch up with an operator's edit without waiting for the next batch.
     pub fn catch_up(&mut self) -> Result<(), StoreError> {

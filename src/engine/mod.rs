@@ -26,7 +26,7 @@ mod keys;
 pub mod ledger;
 mod worker;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -65,6 +65,8 @@ pub struct EngineState {
     pub writable: AtomicBool,
     /// Transactions taken off the queue by workers and not yet answered.
     pub in_progress: AtomicUsize,
+    /// Transactions committed after the balance checkpoint, as of the last batch or write-back.
+    pub write_back_lag: AtomicU64,
 }
 
 impl EngineState {
@@ -109,6 +111,7 @@ impl Engine {
             totals: Mutex::new(totals),
             writable: true.into(),
             in_progress: AtomicUsize::new(0),
+            write_back_lag: AtomicU64::new(0),
         });
         let capacity = config.queue_depth as usize;
         let (queue, receiver) = flume::bounded(capacity);
@@ -168,6 +171,11 @@ impl Engine {
             .iter()
             .filter_map(|scope| committed.key_candidate(scope, key))
             .collect()
+    }
+
+    /// Card accounts in memory, and the bytes their table holds.
+    pub fn accounts_memory(&self) -> (usize, usize) {
+        self.committed.read().accounts_memory()
     }
 
     /// How many idempotency keys are live (kept, and indexed in memory).

@@ -50,7 +50,7 @@ pub(super) fn run<S: Store>(
             pruned_at = Instant::now();
         }
         let Some(first) = first else {
-            idle(&ledger, &queue);
+            idle(&ledger, &queue, &state);
             continue;
         };
         batch.push(first);
@@ -80,16 +80,20 @@ pub(super) fn run<S: Store>(
             let _ = job.reply.send(outcome);
         }
         state.in_progress.fetch_sub(answered, Ordering::Relaxed);
-        write_back(&ledger, &queue);
+        write_back(&ledger, &queue, &state);
     }
 }
 
 /// One chunk of the write-back if it is due, and more while nobody is waiting: a chunk holds up
 /// the next batch by a few milliseconds at most.
-fn write_back<S: Store>(ledger: &Mutex<Ledger<S>>, queue: &flume::Receiver<Job>) {
+fn write_back<S: Store>(ledger: &Mutex<Ledger<S>>, queue: &flume::Receiver<Job>, state: &EngineState) {
     let Ok(mut ledger) = ledger.lock() else { return };
     loop {
-        match ledger.write_back_step(Instant::now()) {
+        let step = ledger.write_back_step(Instant::now());
+        state
+            .write_back_lag
+            .store(ledger.write_back_lag(), Ordering::Relaxed);
+        match step {
             Ok(true) if queue.is_empty() => continue,
             Ok(_) => return,
             Err(error) => {
@@ -101,13 +105,13 @@ fn write_back<S: Store>(ledger: &Mutex<Ledger<S>>, queue: &flume::Receiver<Job>)
 }
 
 /// Nothing arrived for a while: catch up with outside writes, then write back.
-fn idle<S: Store>(ledger: &Mutex<Ledger<S>>, queue: &flume::Receiver<Job>) {
+fn idle<S: Store>(ledger: &Mutex<Ledger<S>>, queue: &flume::Receiver<Job>, state: &EngineState) {
     if let Ok(mut ledger) = ledger.lock() {
         if let Err(error) = ledger.catch_up() {
             tracing::warn!(%error, "re-reading the database failed; the next batch retries");
         }
     }
-    write_back(ledger, queue);
+    write_back(ledger, queue, state);
 }
 
 fn write_back_all<S: Store>(ledger: &Mutex<Ledger<S>>) {

@@ -494,8 +494,20 @@ async fn transaction_by_key(app: &App, query: Option<&str>) -> HttpResponse {
 }
 
 fn metrics(app: &App) -> HttpResponse {
-    let average = app.engine.state().average_balance();
-    telemetry::set_gauges(app.engine.queue_depth(), average, app.analytics.uptime());
+    let (accounts, account_table_bytes) = app.engine.accounts_memory();
+    telemetry::set_gauges(&telemetry::Gauges {
+        queue_depth: app.engine.queue_depth(),
+        average_balance: app.engine.state().average_balance(),
+        uptime: app.analytics.uptime(),
+        accounts,
+        account_table_bytes,
+        idempotency_keys_live: app.engine.live_keys(),
+        write_back_lag: app
+            .engine
+            .state()
+            .write_back_lag
+            .load(std::sync::atomic::Ordering::Relaxed),
+    });
     let mut response = Response::new(Full::new(Bytes::from(app.metrics.render())));
     response.headers_mut().insert(
         CONTENT_TYPE,
