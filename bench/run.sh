@@ -17,7 +17,11 @@
 #    keyed: POST /transaction with a new Idempotency-Key on every request;
 #    transfers, transfers_zipf, transfers_hot: POST /transfers between uniform random cards, Zipf-skewed
 #    cards (s = 1.0), or from random cards to one merchant card;
-#    baseline: POST /transaction on the release built from BASELINE_REV, to compare before and after a change)
+#    baseline: POST /transaction on the release built from BASELINE_REV, to compare before and after a change;
+#    tallyd_1m, tallyd_10m, transfers_1m, transfers_10m: tallyd and transfers on a database of 1,000,000 or
+#    10,000,000 seeded cards (made once per run from users.db.sql with its bound raised, then copied for each
+#    run), with the engine's bytes per account and the start-up time after a clean stop and after SIGKILL;
+#    the 100,000-card rows of tallyd and transfers measure their start-up too, for the scale table)
 #   BASELINE_REV=758fffc  the commit the baseline target builds (in a git worktree under bench/out/)
 #   RESULTS=path   where the table goes              BENCH_TMP=dir where the fresh databases go (default /tmp)
 #   JOBS=2         cargo build -j                    SKIP_BUILD=1  use the binaries already built
@@ -130,16 +134,17 @@ target_command() {
     workers1) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full --workers 1" ;;
     workers2) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full --workers 2" ;;
     workers4) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full --workers 4" ;;
-    keyed | transfers | transfers_zipf | transfers_hot) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full" ;;
+    keyed | transfers | transfers_zipf | transfers_hot | tallyd_1m | tallyd_10m | transfers_1m | transfers_10m)
+        echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full" ;;
     baseline) echo "$BASELINE serve --listen 127.0.0.1:0 --db DB --durability full" ;;
-    *) die "unknown target $1 (noop, tallyd, batch1, normal, workers1, workers2, workers4, keyed, transfers, transfers_zipf, transfers_hot, baseline)" ;;
+    *) die "unknown target $1 (noop, tallyd, batch1, normal, workers1, workers2, workers4, keyed, transfers, transfers_zipf, transfers_hot, baseline, tallyd_1m, tallyd_10m, transfers_1m, transfers_10m)" ;;
     esac
 }
 # The wrk script and its arguments (after the card count) of each target.
 target_script() {
     case "$1" in
     keyed) echo "bench/transaction.lua keyed" ;;
-    transfers) echo "bench/transfers.lua uniform" ;;
+    transfers | transfers_1m | transfers_10m) echo "bench/transfers.lua uniform" ;;
     transfers_zipf) echo "bench/transfers.lua zipf" ;;
     transfers_hot) echo "bench/transfers.lua hot" ;;
     *) echo "bench/transaction.lua" ;;
@@ -159,20 +164,57 @@ target_label() {
     transfers_zipf) echo "tallyd, POST /transfers, Zipf s=1.0 cards (full)" ;;
     transfers_hot) echo "tallyd, POST /transfers, all to one merchant card (full)" ;;
     baseline) echo "baseline: tallyd $BASELINE_REV, POST /transaction (full)" ;;
+    tallyd_1m) echo "tallyd, POST /transaction, 1,000,000 cards (full)" ;;
+    tallyd_10m) echo "tallyd, POST /transaction, 10,000,000 cards (full)" ;;
+    transfers_1m) echo "tallyd, POST /transfers, 1,000,000 cards (full)" ;;
+    transfers_10m) echo "tallyd, POST /transfers, 10,000,000 cards (full)" ;;
     esac
 }
+# How many seeded cards a target's database holds (and its load draws from).
+target_cards() {
+    case "$1" in
+    *_1m) echo 1000000 ;;
+    *_10m) echo 10000000 ;;
+    *) echo "$CARDS" ;;
+    esac
+}
+# Whether a target's start-up is timed (after a clean stop and after SIGKILL).
+timed_start() { [[ "$1" == tallyd || "$1" == transfers || "$1" == *_1m || "$1" == *_10m ]]; }
+
+# template_db N: a database of N seeded cards, made once by tallyd itself from users.db.sql with the
+# bound of its recursive CTE raised, then stopped cleanly; each run copies it.
+template_db() {
+    local n="$1" template="$WORK/template-$1.db"
+    if [[ ! -f "$template" ]]; then
+        log "making a database of $n cards"
+        sed "s/WHERE i < 100000)/WHERE i < $n)/" "$ROOT/users.db.sql" >"$WORK/seed-$n.sql"
+        start_server "$WORK/template-$n.log" "$TALLYD" serve --listen 127.0.0.1:0 --db "$template" --seed "$WORK/seed-$n.sql" ||
+            die "could not make the $n-card database"
+        stop_server
+    fi
+    echo "$template"
+}
+
+# started_in_ms LOG: the start-up time tallyd reports on its listening line.
+started_in_ms() { sed 's/\x1b\[[0-9;]*m//g' "$1" | grep -o 'started_in_ms=[0-9]*' | tail -n1 | cut -d= -f2; }
+
+# gauge FILE NAME: a gauge's value from a Prometheus scrape, or "-".
+gauge() { awk -v name="$2" '$1 == name { print $2; found = 1 } END { if (!found) print "-" }' "$1"; }
 for target in $TARGETS; do target_command "$target" >/dev/null; done
 
 mkdir -p "$OUT"
 rm -f "$OUT"/*.log "$OUT"/*.metrics.txt
 RAW="$OUT/runs.tsv"
-printf 'target\tconns\trun\trequests\trps\tok200\tok_rps\tp50_ms\tp99_ms\thwm_mib\trss_mib\tjournal_added\tmissing\ts422\ts503\tother\tsocket_errors\tbatch_mean\tcommit_ms\texit\tverify\n' >"$RAW"
+printf 'target\tconns\trun\trequests\trps\tok200\tok_rps\tp50_ms\tp99_ms\thwm_mib\trss_mib\tjournal_added\tmissing\ts422\ts503\tother\tsocket_errors\tbatch_mean\tcommit_ms\texit\tverify\taccounts\ttable_bytes_per_account\tstart_clean_ms\tstart_kill_ms\tverify_s\n' >"$RAW"
 
 # run_one TARGET CONNS RUN: one server, one wrk run, one row of $RAW.
 run_one() {
     local target="$1" conns="$2" run="$3"
     local name="$target-c$conns-r$run"
     local db="$WORK/$name.db"
+    local cards
+    cards="$(target_cards "$target")"
+    [[ "$cards" == "$CARDS" ]] || cp "$(template_db "$cards")" "$db"
     local -a cmd
     read -r -a cmd <<<"$(target_command "$target")"
     cmd=("${cmd[@]/#DB/$db}")
@@ -184,21 +226,44 @@ run_one() {
     local script script_args
     read -r script script_args <<<"$(target_script "$target")"
     # shellcheck disable=SC2086 # script_args is a list of words
-    wrk -t"$THREADS" -c"$conns" -d"$DURATION" --timeout "$WRK_TIMEOUT" -s "$script" "http://$SERVER_ADDR" -- "$CARDS" $script_args \
+    wrk -t"$THREADS" -c"$conns" -d"$DURATION" --timeout "$WRK_TIMEOUT" -s "$script" "http://$SERVER_ADDR" -- "$cards" $script_args \
         >"$OUT/$name.wrk.log" 2>&1 || die "wrk failed: see $OUT/$name.wrk.log"
     local line
     line="$(grep '^BENCH ' "$OUT/$name.wrk.log" || true)"
     [[ -n "$line" ]] || die "no BENCH line from wrk: see $OUT/$name.wrk.log"
 
-    local hwm_kib rss_kib batch_mean="-" commit_ms="-"
+    local hwm_kib rss_kib batch_mean="-" commit_ms="-" accounts="-" per_account="-"
     hwm_kib="$(proc_kib "$SERVER_PID" VmHWM)"
     rss_kib="$(proc_kib "$SERVER_PID" VmRSS)"
     if [[ "$target" != noop ]]; then
         curl -sf "http://$SERVER_ADDR/metrics" >"$OUT/$name.metrics.txt" || true
         batch_mean="$(histogram_mean "$OUT/$name.metrics.txt" tallyd_batch_size 1)"
         commit_ms="$(histogram_mean "$OUT/$name.metrics.txt" tallyd_batch_commit_duration_seconds 1000)"
+        accounts="$(gauge "$OUT/$name.metrics.txt" tallyd_accounts)"
+        per_account="$(awk -v b="$(gauge "$OUT/$name.metrics.txt" tallyd_account_table_bytes)" -v a="$accounts" \
+            'BEGIN { if (a == "-" || b == "-" || a == 0) print "-"; else printf "%.1f", b / a }')"
     fi
     stop_server
+    local run_exit="$SERVER_EXIT" journal_after=0
+    [[ "$target" == noop ]] || journal_after="$(count_journal "$db")"
+    # The start-up after that clean stop, then after a SIGKILL under load (a replay of the journal
+    # after the balance checkpoint).
+    local start_clean="-" start_kill="-"
+    if timed_start "$target"; then
+        start_server "$OUT/$name.restart.log" "${cmd[@]}" || die "could not restart: ${cmd[*]}"
+        start_clean="$(started_in_ms "$OUT/$name.restart.log")"
+        # shellcheck disable=SC2086
+        wrk -t"$THREADS" -c"$conns" -d3s --timeout "$WRK_TIMEOUT" -s "$script" "http://$SERVER_ADDR" -- "$cards" $script_args \
+            >/dev/null 2>&1 &
+        local wrk_pid=$!
+        sleep 2
+        kill -KILL "$SERVER_PID"
+        wait "$SERVER_PID" 2>/dev/null || true
+        wait "$wrk_pid" 2>/dev/null || true
+        start_server "$OUT/$name.recover.log" "${cmd[@]}" || die "could not start after SIGKILL: ${cmd[*]}"
+        start_kill="$(started_in_ms "$OUT/$name.recover.log")"
+        stop_server
+    fi
 
     local requests duration_us ok200 s422 s503 other sock p50_us p99_us
     requests="$(bench_field "$line" requests)"
@@ -211,23 +276,28 @@ run_one() {
     p50_us="$(bench_field "$line" p50_us)"
     p99_us="$(bench_field "$line" p99_us)"
 
-    local added="-" missing="-" verify="-"
+    local added="-" missing="-" verify="-" verify_s="-"
     if [[ "$target" != noop ]]; then
-        added=$(($(count_journal "$db") - journal_before))
+        added=$((journal_after - journal_before))
         missing=$((ok200 > added ? ok200 - added : 0))
         local verifier="$TALLYD"
         [[ "$target" != baseline ]] || verifier="$BASELINE"
+        local verify_started=$SECONDS
         if "$verifier" verify --db "$db" >"$OUT/$name.verify.log" 2>&1; then verify=ok; else verify=FAIL; fi
+        verify_s=$((SECONDS - verify_started))
     fi
     rm -f "$db" "$db-wal" "$db-shm"
 
     awk -v OFS='\t' -v t="$target" -v c="$conns" -v r="$run" -v n="$requests" -v d="$duration_us" \
         -v ok="$ok200" -v p50="$p50_us" -v p99="$p99_us" -v hwm="$hwm_kib" -v rss="$rss_kib" -v added="$added" \
         -v missing="$missing" -v s422="$s422" -v s503="$s503" -v other="$other" -v sock="$sock" \
-        -v batch="$batch_mean" -v commit="$commit_ms" -v exit_code="$SERVER_EXIT" -v verify="$verify" 'BEGIN {
+        -v batch="$batch_mean" -v commit="$commit_ms" -v exit_code="$run_exit" -v verify="$verify" \
+        -v accounts="$accounts" -v per_account="$per_account" -v start_clean="$start_clean" -v start_kill="$start_kill" \
+        -v verify_s="$verify_s" 'BEGIN {
             print t, c, r, n, sprintf("%.0f", n / (d / 1e6)), ok, sprintf("%.0f", ok / (d / 1e6)),
                 sprintf("%.2f", p50 / 1000), sprintf("%.2f", p99 / 1000), sprintf("%.1f", hwm / 1024),
-                sprintf("%.1f", rss / 1024), added, missing, s422, s503, other, sock, batch, commit, exit_code, verify
+                sprintf("%.1f", rss / 1024), added, missing, s422, s503, other, sock, batch, commit, exit_code, verify,
+                accounts, per_account, start_clean, start_kill, verify_s
         }' >>"$RAW"
     log "$(tail -n1 "$RAW" | awk -F'\t' '{ printf "%-7s c=%-4s run %s: %s req/s, %s 200/s, p50 %s ms, p99 %s ms, peak RSS %s MiB, journal +%s (missing %s), batch %s, commit %s ms, exit %s, verify %s", $1, $2, $3, $5, $7, $8, $9, $10, $12, $13, $18, $19, $20, $21 }')"
 }
@@ -335,6 +405,30 @@ mkdir -p "$(dirname "$RESULTS")"
             done
         done
     fi
+    if [[ " $TARGETS " == *_1m\ * || " $TARGETS " == *_10m\ * ]]; then
+        echo
+        echo "## Ten million cards: the same load on 100,000, 1,000,000 and 10,000,000 accounts"
+        echo
+        echo "Goals at 10,000,000 (issue 13): 200/s at least 0.90 of the 100,000 figure, p99 at most 2x, at most 32 bytes an"
+        echo "account in the engine's table, peak RSS at most 400 MiB (64 MiB at 1,000,000), start-up at most 1,500 ms after a"
+        echo "clean stop and after SIGKILL. Bytes per account is the engine's table (\`tallyd_account_table_bytes\` over"
+        echo "\`tallyd_accounts\`); start-up is \`started_in_ms\` on the listening line (open, load, replay); verify is"
+        echo "\`tallyd verify\` on the database after the run."
+        echo
+        echo "| conns | load | accounts | 200/s | of 100k | of the ceiling | p99 ms | of 100k p99 | peak RSS MiB | engine bytes/account | start after stop ms | start after SIGKILL ms | verify s |"
+        echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        for conns in $CONNS; do
+            ceiling="$(median noop "$conns" 5)"
+            for base in tallyd transfers; do
+                for target in "$base" "${base}_1m" "${base}_10m"; do
+                    [[ " $TARGETS " == *" $target "* ]] || continue
+                    tps="$(median "$target" "$conns" 7)"
+                    p99="$(median "$target" "$conns" 9)"
+                    echo "| $conns | $base | $(median "$target" "$conns" 22) | $tps | $(ratio "$tps" "$(median "$base" "$conns" 7)") | $(ratio "$tps" "$ceiling") | $p99 | $(ratio "$p99" "$(median "$base" "$conns" 9)") | $(median "$target" "$conns" 10) | $(median "$target" "$conns" 23) | $(median "$target" "$conns" 24) | $(median "$target" "$conns" 25) | $(median "$target" "$conns" 26) |"
+                done
+            done
+        done
+    fi
     echo
     echo "## Exact commands"
     echo
@@ -345,7 +439,7 @@ mkdir -p "$(dirname "$RESULTS")"
     done
     for target in $TARGETS; do
         read -r script script_args <<<"$(target_script "$target")"
-        echo "wrk -t$THREADS -c<conns> -d$DURATION --timeout $WRK_TIMEOUT -s $script http://<listening addr> -- $CARDS${script_args:+ $script_args}   # $target, conns: $CONNS"
+        echo "wrk -t$THREADS -c<conns> -d$DURATION --timeout $WRK_TIMEOUT -s $script http://<listening addr> -- $(target_cards "$target")${script_args:+ $script_args}   # $target, conns: $CONNS"
     done
     echo "sqlite3 \$DB 'SELECT count(*) FROM transactions;'   # before and after the load (journal on the baseline)"
     echo "target/release/tallyd verify --db \$DB"
