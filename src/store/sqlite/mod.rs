@@ -46,7 +46,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
 pub use reader::SqliteReader;
-pub use verify::{verify, Check};
+pub use verify::{verify, Check, CHECKS};
 
 use super::lock::WriterLock;
 use super::{

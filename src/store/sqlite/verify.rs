@@ -10,10 +10,12 @@ use super::schema;
 use crate::store::StoreError;
 
 /// One invariant: what it says, and how many rows break it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Check {
     pub name: &'static str,
     pub violations: i64,
+    /// How long the check took: each is one pass over a table or two, so it grows with the data.
+    pub seconds: f64,
 }
 
 /// How long verify waits on SQLite (only during WAL recovery by another process).
@@ -59,12 +61,13 @@ const INVARIANTS: &[(&str, &str)] = &[
     ),
     (
         "every account's stored row is its state at one of its legs, at the balance checkpoint or later",
-        "SELECT count(*) FROM ledger_accounts a \
+        "SELECT count(*) FROM ledger_accounts a LEFT JOIN \
+           (SELECT account, max(transaction_id) AS last FROM entries \
+            WHERE transaction_id <= (SELECT transaction_id FROM ledger_checkpoint) GROUP BY account) c \
+           ON c.account = a.name \
          WHERE a.balance <> coalesce((SELECT e.balance_after FROM entries e \
                  WHERE e.account = a.name AND e.transaction_id = a.last_transaction_id), a.opening_balance) \
-            OR coalesce(a.last_transaction_id, 0) < coalesce((SELECT max(e.transaction_id) FROM entries e \
-                 WHERE e.account = a.name \
-                   AND e.transaction_id <= (SELECT transaction_id FROM ledger_checkpoint)), 0)",
+            OR coalesce(a.last_transaction_id, 0) < coalesce(c.last, 0)",
     ),
     (
         "no card's balance below zero, ever",
@@ -87,9 +90,13 @@ const INVARIANTS: &[(&str, &str)] = &[
     ),
 ];
 
+/// How many checks [`verify`] runs.
+pub const CHECKS: usize = INVARIANTS.len() + 2;
+
 /// Runs SQLite's own integrity check, then every invariant, over the database at `path` (opened
-/// read-only). Returns the number of transactions and each check.
-pub fn verify(path: &Path) -> Result<(i64, Vec<Check>), StoreError> {
+/// read-only), calling `starting` with each check's name before it runs. Returns the number of
+/// transactions and each check.
+pub fn verify(path: &Path, starting: &mut dyn FnMut(&'static str)) -> Result<(i64, Vec<Check>), StoreError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(VERIFY_BUSY_TIMEOUT)?;
     let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
@@ -102,19 +109,29 @@ pub fn verify(path: &Path) -> Result<(i64, Vec<Check>), StoreError> {
     }
     // One snapshot for every check, so that a live server's commits cannot make them disagree.
     conn.execute_batch("BEGIN")?;
-    let integrity: String = conn.query_row("PRAGMA integrity_check", [], |row| row.get(0))?;
-    let mut checks = vec![Check {
-        name: "SQLite integrity_check",
-        violations: i64::from(integrity != "ok"),
-    }];
+    let mut checks = Vec::with_capacity(CHECKS);
+    let mut run = |name: &'static str, check: &dyn Fn() -> Result<i64, StoreError>| {
+        starting(name);
+        let started = std::time::Instant::now();
+        let violations = check()?;
+        checks.push(Check {
+            name,
+            violations,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+        Ok::<(), StoreError>(())
+    };
+    run("SQLite integrity_check", &|| {
+        let integrity: String = conn.query_row("PRAGMA integrity_check", [], |row| row.get(0))?;
+        Ok(i64::from(integrity != "ok"))
+    })?;
     for (name, sql) in INVARIANTS {
-        let violations = conn.query_row(sql, [], |row| row.get(0))?;
-        checks.push(Check { name, violations });
+        run(name, &|| Ok(conn.query_row(sql, [], |row| row.get(0))?))?;
     }
-    checks.push(Check {
-        name: "all balances together, @world's included, sum to the opening total",
-        violations: i64::from(!conserved(&conn)?),
-    });
+    run(
+        "all balances together, @world's included, sum to the opening total",
+        &|| Ok(i64::from(!conserved(&conn)?)),
+    )?;
     let transactions = conn.query_row("SELECT count(*) FROM transactions", [], |row| row.get(0))?;
     conn.execute_batch("COMMIT")?;
     Ok((transactions, checks))
