@@ -8,6 +8,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,9 +22,10 @@ use tokio::task::JoinSet;
 use tokio_io_timeout::TimeoutStream;
 
 use crate::analytics::{Analytics, BalanceSample};
+use crate::auth::{self, rate::Limiter};
 use crate::config::{limits, Config};
 use crate::engine::{Engine, EngineState};
-use crate::http::{self, App};
+use crate::http::{self, App, Peer};
 use crate::store::sqlite::{SqliteReader, SqliteStore};
 use crate::store::StoreError;
 use crate::telemetry;
@@ -34,6 +36,8 @@ pub enum ServerError {
     Listen(#[source] std::io::Error),
     #[error("cannot open the database: {0}")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Unprotected(String),
 }
 
 /// How long to back off after `accept` fails (e.g. out of file descriptors) before trying again.
@@ -79,6 +83,10 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let address = listener.local_addr().map_err(ServerError::Listen)?;
+    // Keys first: a server that would be open to the network refuses before it does anything else.
+    let (keys, _reloader) = auth::reload::start(&config.db)?;
+    check_exposure(&config, address, keys.current().required())?;
     let (engine, workers) = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || Engine::start(store, &config, http::render))
@@ -97,6 +105,9 @@ pub async fn run(
         Arc::clone(&analytics),
         metrics.clone(),
     ));
+    let limiter = config
+        .rate_limit()
+        .map(|(per_second, burst)| Limiter::new(per_second, burst));
     let app = Arc::new(App {
         engine,
         reader: Arc::new(reader),
@@ -105,19 +116,56 @@ pub async fn run(
         workers: usize::from(config.workers),
         body_limit_bytes: config.body_limit_bytes as usize,
         request_timeout: config.request_timeout(),
+        keys,
+        limiter,
+        metrics_public: config.metrics_public,
     });
+    let sweeper = tokio::spawn(sweep_rate_limits(Arc::clone(&app)));
 
-    let address = listener.local_addr().map_err(ServerError::Listen)?;
     tracing::info!(addr = %address, db = %config.db.display(), durability = ?config.durability, "listening");
     let connections = accept_until(listener, &app, &config, shutdown).await;
     drain(connections).await;
 
     tracing::info!("stopped accepting; committing what is queued");
     sampler.abort();
+    sweeper.abort();
     drop(app);
     let _ = tokio::task::spawn_blocking(move || workers.join()).await;
     tracing::info!("every queued transaction is committed and answered; bye");
     Ok(())
+}
+
+/// Refuses to serve a non-loopback address with no API key unless `--allow-unauthenticated`.
+fn check_exposure(config: &Config, address: SocketAddr, keys_exist: bool) -> Result<(), ServerError> {
+    if keys_exist || address.ip().is_loopback() {
+        return Ok(());
+    }
+    if !config.allow_unauthenticated {
+        return Err(ServerError::Unprotected(format!(
+            "refusing to serve {address} without API keys: anyone who can reach it could move money. \
+             Create a key first: `tallyd keys create --db {db} --name NAME --scope write` (clients then send \
+             `Authorization: Bearer <key>`), or listen on 127.0.0.1, or pass --allow-unauthenticated \
+             (TALLYD_ALLOW_UNAUTHENTICATED=true) to serve without keys until the first one is created",
+            db = config.db.display()
+        )));
+    }
+    tracing::warn!(
+        addr = %address,
+        "serving without API keys on a non-loopback address (--allow-unauthenticated): anyone who can reach \
+         this port can move money; create a key with `tallyd keys create` and every request will need one"
+    );
+    Ok(())
+}
+
+/// Forgets the rate-limit buckets of callers that have gone quiet, so memory follows active callers.
+async fn sweep_rate_limits(app: Arc<App>) -> Infallible {
+    let mut ticker = tokio::time::interval(limits::RATE_LIMIT_SWEEP_PERIOD);
+    loop {
+        ticker.tick().await;
+        if let Some(limiter) = &app.limiter {
+            limiter.sweep();
+        }
+    }
 }
 
 /// Accepts connections until `shutdown`, at most `max_connections` at once. Returns the open
@@ -141,10 +189,10 @@ async fn accept_until(
             () = &mut shutdown => break,
             slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     tracing::warn!(%error, "accept failed");
                     tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
@@ -155,6 +203,7 @@ async fn accept_until(
         while connections.try_join_next().is_some() {}
         connections.spawn(serve_connection(
             stream,
+            peer,
             Arc::clone(app),
             builder.clone(),
             config.idle_timeout(),
@@ -168,6 +217,7 @@ async fn accept_until(
 
 async fn serve_connection(
     stream: TcpStream,
+    peer: SocketAddr,
     app: Arc<App>,
     builder: http1::Builder,
     write_timeout: Duration,
@@ -180,7 +230,11 @@ async fn serve_connection(
     // progress for the idle timeout closes the connection.
     let mut stream = TimeoutStream::new(stream);
     stream.set_write_timeout(Some(write_timeout));
-    let service = service_fn(move |request| http::handle(Arc::clone(&app), request));
+    let peer = Arc::new(Peer {
+        address: peer.ip(),
+        client_cert_cn: None,
+    });
+    let service = service_fn(move |request| http::handle(Arc::clone(&app), Arc::clone(&peer), request));
     let connection = builder.serve_connection(TokioIo::new(Box::pin(stream)), service);
     tokio::pin!(connection);
     let result = tokio::select! {

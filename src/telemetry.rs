@@ -21,6 +21,7 @@ pub const AVERAGE_BALANCE: &str = "tallyd_average_balance";
 pub const UPTIME: &str = "tallyd_uptime_seconds";
 pub const HTTP_REQUESTS_TOTAL: &str = "tallyd_http_requests_total";
 pub const IDEMPOTENT_REPLAYS_TOTAL: &str = "tallyd_idempotent_replays_total";
+pub const API_REQUESTS_TOTAL: &str = "tallyd_api_requests_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -87,6 +88,11 @@ pub fn describe(workers: usize, queue_capacity: usize) {
             counter!(TRANSACTIONS_TOTAL, "kind" => kind, "outcome" => outcome.as_str()).absolute(0);
         }
     }
+    describe_counter!(
+        API_REQUESTS_TOTAL,
+        "Requests to routes that take an API key, by key name (never the key) and outcome; \
+         (anonymous): no key needed, (missing): none sent, (invalid): not valid here"
+    );
     counter!(BATCH_FAILURES_TOTAL).absolute(0);
     gauge!(WORKERS).set(workers as f64);
     gauge!(QUEUE_CAPACITY).set(queue_capacity as f64);
@@ -131,6 +137,10 @@ fn status_label(status: u16) -> metrics::SharedString {
         422 => "422",
         500 => "500",
         503 => "503",
+        201 => "201",
+        401 => "401",
+        403 => "403",
+        429 => "429",
         other => return other.to_string().into(),
     };
     known.into()
@@ -141,4 +151,74 @@ pub fn set_gauges(queue_depth: usize, average_balance: f64, uptime: Duration) {
     gauge!(QUEUE_DEPTH).set(queue_depth as f64);
     gauge!(AVERAGE_BALANCE).set(average_balance);
     gauge!(UPTIME).set(uptime.as_secs_f64());
+}
+
+/// How a request that went through the door ended, for `tallyd_api_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiOutcome {
+    Ok,
+    Unauthorized,
+    Forbidden,
+    RateLimited,
+    /// Any other 4xx: the request was let in and refused by its route.
+    ClientError,
+    ServerError,
+}
+
+impl ApiOutcome {
+    pub const ALL: [ApiOutcome; 6] = [
+        ApiOutcome::Ok,
+        ApiOutcome::Unauthorized,
+        ApiOutcome::Forbidden,
+        ApiOutcome::RateLimited,
+        ApiOutcome::ClientError,
+        ApiOutcome::ServerError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiOutcome::Ok => "ok",
+            ApiOutcome::Unauthorized => "unauthorized",
+            ApiOutcome::Forbidden => "forbidden",
+            ApiOutcome::RateLimited => "rate_limited",
+            ApiOutcome::ClientError => "client_error",
+            ApiOutcome::ServerError => "server_error",
+        }
+    }
+
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            401 => ApiOutcome::Unauthorized,
+            403 => ApiOutcome::Forbidden,
+            429 => ApiOutcome::RateLimited,
+            400..=499 => ApiOutcome::ClientError,
+            500..=599 => ApiOutcome::ServerError,
+            _ => ApiOutcome::Ok,
+        }
+    }
+}
+
+/// The `tallyd_api_requests_total` series of one caller, registered once so that counting a
+/// request is one atomic add (no label formatting or registry lookup per request).
+pub struct CallerCounters([metrics::Counter; 6]);
+
+impl CallerCounters {
+    /// `label` is a key's name or one of the bracketed stand-ins, never a key.
+    pub fn new(label: &str) -> Self {
+        Self(ApiOutcome::ALL.map(
+            |outcome| counter!(API_REQUESTS_TOTAL, "key" => label.to_owned(), "outcome" => outcome.as_str()),
+        ))
+    }
+
+    pub fn record(&self, status: u16) {
+        let outcome = ApiOutcome::of_status(status);
+        let index = ApiOutcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+        self.0[index].increment(1);
+    }
+}
+
+impl std::fmt::Debug for CallerCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallerCounters")
+    }
 }

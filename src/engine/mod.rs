@@ -41,6 +41,9 @@ pub struct Job {
     pub command: Command,
     /// The client's `Idempotency-Key`, if it sent one.
     pub key: Option<IdempotencyKey>,
+    /// What the key is scoped to: the route ([`Command::scope`]), prefixed with the API key's name
+    /// when the caller used one (`"checkout/transaction"`), so that callers never share answers.
+    pub scope: &'static str,
     pub reply: oneshot::Sender<Outcome>,
 }
 
@@ -135,9 +138,15 @@ impl Engine {
         &self,
         command: Command,
         key: Option<IdempotencyKey>,
+        scope: &'static str,
     ) -> Result<oneshot::Receiver<Outcome>, SubmitError> {
         let (reply, answer) = oneshot::channel();
-        match self.queue.try_send(Job { command, key, reply }) {
+        match self.queue.try_send(Job {
+            command,
+            key,
+            scope,
+            reply,
+        }) {
             Ok(()) => Ok(answer),
             Err(flume::TrySendError::Full(_)) => Err(SubmitError::QueueFull),
             Err(flume::TrySendError::Disconnected(_)) => Err(SubmitError::ShuttingDown),

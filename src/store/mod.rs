@@ -241,8 +241,13 @@ pub trait Reader: Send + Sync + 'static {
     fn balance(&self, card: &CardNumber, at_unix_ms: Option<i64>) -> Result<Option<i64>, StoreError>;
     fn account(&self, card: &CardNumber) -> Result<Option<AccountView>, StoreError>;
     fn transaction(&self, id: i64) -> Result<Option<TransactionView>, StoreError>;
-    /// The transaction a request with this idempotency key produced, on any route.
-    fn transaction_by_key(&self, key: &IdempotencyKey) -> Result<Option<TransactionView>, StoreError>;
+    /// The transaction a request with this idempotency key produced, on any route that moves money,
+    /// under the scopes that start with `scope_prefix` (the caller's API key name; "" without keys).
+    fn transaction_by_key(
+        &self,
+        scope_prefix: &str,
+        key: &IdempotencyKey,
+    ) -> Result<Option<TransactionView>, StoreError>;
     /// Up to `limit` entries of `card` older than the transaction `starting_after` (newest first);
     /// `None` without such a card.
     fn entries(

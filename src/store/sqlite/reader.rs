@@ -16,9 +16,11 @@ const SELECT_ACCOUNT: &str =
 const SELECT_TRANSACTION: &str = "SELECT kind, amount, source, source_amount, source_balance_after, \
      source_previous_id, destination, destination_amount, destination_balance_after, destination_previous_id, \
      reference, idempotency_key, created_at_ms FROM transactions WHERE id = ?1";
-/// Keys are scoped per route; a lookup by key alone searches the routes that move money.
+/// Keys are scoped per route (and per API key: `?2` is its name, or "" without keys); a lookup by
+/// key alone searches the routes that move money.
 const SELECT_TRANSACTION_BY_KEY: &str = "SELECT transaction_id FROM idempotency_keys \
-     WHERE scope IN ('/transaction', '/transfers') AND idempotency_key = ?1 AND transaction_id IS NOT NULL \
+     WHERE scope IN (?2 || '/transaction', ?2 || '/transfers') AND idempotency_key = ?1 \
+     AND transaction_id IS NOT NULL \
      ORDER BY created_at_ms DESC LIMIT 1";
 
 /// One transaction as stored.
@@ -215,11 +217,15 @@ impl Reader for SqliteReader {
         self.snapshot(|conn| read_transaction(conn, id))
     }
 
-    fn transaction_by_key(&self, key: &IdempotencyKey) -> Result<Option<TransactionView>, StoreError> {
+    fn transaction_by_key(
+        &self,
+        scope_prefix: &str,
+        key: &IdempotencyKey,
+    ) -> Result<Option<TransactionView>, StoreError> {
         self.snapshot(|conn| {
             let id: Option<i64> = conn
                 .prepare_cached(SELECT_TRANSACTION_BY_KEY)?
-                .query_row([key.as_str()], |row| row.get(0))
+                .query_row([key.as_str(), scope_prefix], |row| row.get(0))
                 .optional()?;
             match id {
                 Some(id) => read_transaction(conn, id),
