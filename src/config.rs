@@ -266,6 +266,14 @@ impl Config {
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(u64::from(self.idle_timeout_ms))
     }
+    /// The TLS files, when `--tls-cert` (and so `--tls-key`) is given.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
     pub fn tls_handshake_timeout(&self) -> Duration {
         Duration::from_millis(u64::from(self.tls_handshake_timeout_ms))
     }

@@ -29,6 +29,7 @@ pub mod http;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod verify;
 
 pub use server::{run, serve_until_signal};

@@ -22,6 +22,7 @@ pub const UPTIME: &str = "tallyd_uptime_seconds";
 pub const HTTP_REQUESTS_TOTAL: &str = "tallyd_http_requests_total";
 pub const IDEMPOTENT_REPLAYS_TOTAL: &str = "tallyd_idempotent_replays_total";
 pub const API_REQUESTS_TOTAL: &str = "tallyd_api_requests_total";
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "tallyd_tls_handshake_failures_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -93,6 +94,10 @@ pub fn describe(workers: usize, queue_capacity: usize) {
         "Requests to routes that take an API key, by key name (never the key) and outcome; \
          (anonymous): no key needed, (missing): none sent, (invalid): not valid here"
     );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES_TOTAL,
+        "TLS handshakes that failed (error: refused or garbled; timeout: not finished in time)"
+    );
     counter!(BATCH_FAILURES_TOTAL).absolute(0);
     gauge!(WORKERS).set(workers as f64);
     gauge!(QUEUE_CAPACITY).set(queue_capacity as f64);
@@ -117,6 +122,11 @@ pub fn record_batch(size: usize, took: Duration, commit_ok: bool) {
 /// A keyed `POST` was answered from its stored answer.
 pub fn record_replay(route: &'static str) {
     counter!(IDEMPOTENT_REPLAYS_TOTAL, "route" => route).increment(1);
+}
+
+/// A TLS handshake failed, for `reason` `error` or `timeout`.
+pub fn record_tls_handshake_failure(reason: &'static str) {
+    counter!(TLS_HANDSHAKE_FAILURES_TOTAL, "reason" => reason).increment(1);
 }
 
 /// Any HTTP request was answered.
