@@ -98,6 +98,10 @@ pub fn describe(workers: usize, queue_capacity: usize) {
         TLS_HANDSHAKE_FAILURES_TOTAL,
         "TLS handshakes that failed (error: refused or garbled; timeout: not finished in time)"
     );
+    for reason in ["error", "timeout"] {
+        counter!(TLS_HANDSHAKE_FAILURES_TOTAL, "reason" => reason).absolute(0);
+    }
+    let _ = stand_in_counters();
     counter!(BATCH_FAILURES_TOTAL).absolute(0);
     gauge!(WORKERS).set(workers as f64);
     gauge!(QUEUE_CAPACITY).set(queue_capacity as f64);
@@ -231,4 +235,12 @@ impl std::fmt::Debug for CallerCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("CallerCounters")
     }
+}
+
+/// The series of callers without a valid key: `(anonymous)` (no key needed, none sent),
+/// `(missing)` (a key was needed) and `(invalid)` (one was sent that is not valid here). Key names
+/// start with a letter or digit, so these can never be a key's name.
+pub fn stand_in_counters() -> &'static [CallerCounters; 3] {
+    static STAND_INS: OnceLock<[CallerCounters; 3]> = OnceLock::new();
+    STAND_INS.get_or_init(|| ["(anonymous)", "(missing)", "(invalid)"].map(CallerCounters::new))
 }
