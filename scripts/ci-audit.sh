@@ -13,13 +13,13 @@
 #      snapshot did not cover fails the run, so that adding a dependency forces a refresh.
 # Prints "N passed, M failed" last and exits non-zero if any check failed.
 #
-# Environment: CARGO_AUDIT_VERSION (default 0.22.1); AUDIT_OFFLINE=1 skips trying the live database.
+# Environment: CARGO_AUDIT_VERSION (default 0.22.2); AUDIT_OFFLINE=1 skips trying the live database.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly ROOT
 readonly SNAPSHOT="$ROOT/tools/advisory-db"
-readonly CARGO_AUDIT_VERSION="${CARGO_AUDIT_VERSION:-0.22.1}"
+readonly CARGO_AUDIT_VERSION="${CARGO_AUDIT_VERSION:-0.22.2}"
 readonly INSTALL_TIMEOUT_S=1800
 PASSED=0
 FAILED=0
