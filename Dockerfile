@@ -36,8 +36,15 @@ RUN groupadd --system --gid 10001 tallyd \
 COPY --from=build /src/target/release/tallyd /usr/local/bin/tallyd
 
 # Inside the container only: listen on every interface so the published port and other containers reach it.
+# TALLYD_ALLOW_UNAUTHENTICATED: a container must listen on 0.0.0.0, and tallyd refuses a non-loopback address with
+# no API key unless told otherwise; this keeps `docker run` working out of the box, as before keys existed, and
+# tallyd logs a warning at every start while the database holds no key. The first key created in the volume
+# (`docker exec CONTAINER tallyd keys create --name NAME --scope write`) turns authentication on within a
+# second, for good: from then on every request but /healthz and /readyz needs a key. Set it to false to make a
+# keyless start fail instead. See README, "Running it in production".
 ENV TALLYD_LISTEN=0.0.0.0:8080 \
-    TALLYD_DB=/var/lib/tallyd/users.db
+    TALLYD_DB=/var/lib/tallyd/users.db \
+    TALLYD_ALLOW_UNAUTHENTICATED=true
 # The SQLite file and its -wal/-shm companions live on this volume; a named volume created from it inherits
 # the tallyd ownership set above.
 VOLUME ["/var/lib/tallyd"]

@@ -22,6 +22,8 @@
 #    10,000,000 seeded cards (made once per run from users.db.sql with its bound raised, then copied for each
 #    run), with the engine's bytes per account and the start-up time after a clean stop and after SIGKILL;
 #    the 100,000-card rows of tallyd and transfers measure their start-up too, for the scale table)
+#    https: tallyd over TLS (a self-signed P-256 certificate made with openssl for the run), keep-alive;
+#    keyed_auth: tallyd with an API key created on the fresh database, sent on every request as a Bearer token)
 #   BASELINE_REV=758fffc  the commit the baseline target builds (in a git worktree under bench/out/)
 #   RESULTS=path   where the table goes              BENCH_TMP=dir where the fresh databases go (default /tmp)
 #   JOBS=2         cargo build -j                    SKIP_BUILD=1  use the binaries already built
@@ -134,10 +136,11 @@ target_command() {
     workers1) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full --workers 1" ;;
     workers2) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full --workers 2" ;;
     workers4) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full --workers 4" ;;
-    keyed | transfers | transfers_zipf | transfers_hot | tallyd_1m | tallyd_10m | transfers_1m | transfers_10m)
+    keyed | keyed_auth | transfers | transfers_zipf | transfers_hot | tallyd_1m | tallyd_10m | transfers_1m | transfers_10m)
         echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full" ;;
+    https) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full --tls-cert $WORK/tls.pem --tls-key $WORK/tls.key" ;;
     baseline) echo "$BASELINE serve --listen 127.0.0.1:0 --db DB --durability full" ;;
-    *) die "unknown target $1 (noop, tallyd, batch1, normal, workers1, workers2, workers4, keyed, transfers, transfers_zipf, transfers_hot, baseline, tallyd_1m, tallyd_10m, transfers_1m, transfers_10m)" ;;
+    *) die "unknown target $1 (noop, tallyd, batch1, normal, workers1, workers2, workers4, keyed, keyed_auth, https, transfers, transfers_zipf, transfers_hot, baseline, tallyd_1m, tallyd_10m, transfers_1m, transfers_10m)" ;;
     esac
 }
 # The wrk script and its arguments (after the card count) of each target.
@@ -160,6 +163,8 @@ target_label() {
     workers2) echo "tallyd --workers 2 (full)" ;;
     workers4) echo "tallyd --workers 4 (full)" ;;
     keyed) echo "tallyd, POST /transaction with an Idempotency-Key each (full)" ;;
+    keyed_auth) echo "tallyd, POST /transaction with an API key on every request (full)" ;;
+    https) echo "tallyd over HTTPS (TLS 1.3, keep-alive; full)" ;;
     transfers) echo "tallyd, POST /transfers, uniform random cards (full)" ;;
     transfers_zipf) echo "tallyd, POST /transfers, Zipf s=1.0 cards (full)" ;;
     transfers_hot) echo "tallyd, POST /transfers, all to one merchant card (full)" ;;
@@ -200,7 +205,16 @@ started_in_ms() { sed 's/\x1b\[[0-9;]*m//g' "$1" | grep -o 'started_in_ms=[0-9]*
 
 # gauge FILE NAME: a gauge's value from a Prometheus scrape, or "-".
 gauge() { awk -v name="$2" '$1 == name { print $2; found = 1 } END { if (!found) print "-" }' "$1"; }
+# The https target's certificate, made once for the whole run (wrk does not verify it).
+if [[ " $TARGETS " == *" https "* ]]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
+        -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout "$WORK/tls.key" -out "$WORK/tls.pem" 2>/dev/null \
+        || die "openssl could not make the https target's certificate"
+fi
 for target in $TARGETS; do target_command "$target" >/dev/null; done
+
+# target_scheme TARGET: how wrk and curl reach it.
+target_scheme() { [[ "$1" == https ]] && echo https || echo http; }
 
 mkdir -p "$OUT"
 rm -f "$OUT"/*.log "$OUT"/*.metrics.txt
@@ -218,6 +232,17 @@ run_one() {
     local -a cmd
     read -r -a cmd <<<"$(target_command "$target")"
     cmd=("${cmd[@]/#DB/$db}")
+    # keyed_auth: the key is made on the fresh database before the server starts (keys create seeds it as serve
+    # would), and handed to the wrk script and to curl in the environment, never on a command line.
+    export TALLYD_BENCH_KEY=""
+    local -a auth=()
+    if [[ "$target" == keyed_auth ]]; then
+        TALLYD_BENCH_KEY="$("$TALLYD" keys create --db "$db" --name bench --scope write 2>/dev/null)" \
+            || die "could not create the bench key"
+        auth=(-H "authorization: Bearer $TALLYD_BENCH_KEY")
+    fi
+    local scheme
+    scheme="$(target_scheme "$target")"
     start_server "$OUT/$name.server.log" "${cmd[@]}" || die "could not start: ${cmd[*]}"
 
     local journal_before=0
@@ -226,7 +251,7 @@ run_one() {
     local script script_args
     read -r script script_args <<<"$(target_script "$target")"
     # shellcheck disable=SC2086 # script_args is a list of words
-    wrk -t"$THREADS" -c"$conns" -d"$DURATION" --timeout "$WRK_TIMEOUT" -s "$script" "http://$SERVER_ADDR" -- "$cards" $script_args \
+    wrk -t"$THREADS" -c"$conns" -d"$DURATION" --timeout "$WRK_TIMEOUT" -s "$script" "$scheme://$SERVER_ADDR" -- "$cards" $script_args \
         >"$OUT/$name.wrk.log" 2>&1 || die "wrk failed: see $OUT/$name.wrk.log"
     local line
     line="$(grep '^BENCH ' "$OUT/$name.wrk.log" || true)"
@@ -236,7 +261,7 @@ run_one() {
     hwm_kib="$(proc_kib "$SERVER_PID" VmHWM)"
     rss_kib="$(proc_kib "$SERVER_PID" VmRSS)"
     if [[ "$target" != noop ]]; then
-        curl -sf "http://$SERVER_ADDR/metrics" >"$OUT/$name.metrics.txt" || true
+        curl -sfk "${auth[@]}" "$scheme://$SERVER_ADDR/metrics" >"$OUT/$name.metrics.txt" || true
         batch_mean="$(histogram_mean "$OUT/$name.metrics.txt" tallyd_batch_size 1)"
         commit_ms="$(histogram_mean "$OUT/$name.metrics.txt" tallyd_batch_commit_duration_seconds 1000)"
         accounts="$(gauge "$OUT/$name.metrics.txt" tallyd_accounts)"
@@ -379,6 +404,21 @@ mkdir -p "$(dirname "$RESULTS")"
             *) goal="-"; met="-" ;;
             esac
             echo "| $conns | $tps | $(ratio "$tps" "$(median noop "$conns" 5)") | $(ratio "$tps" "$(median batch1 "$conns" 7)") | $goal | $p99 | $met |"
+        done
+    fi
+    if [[ " $TARGETS " == *" https "* || " $TARGETS " == *" keyed_auth "* ]]; then
+        echo
+        echo "## Security: HTTPS and API keys against plaintext tallyd"
+        echo
+        echo "| conns | target | 200/s | of the ceiling | of plaintext tallyd | goal | p50 ms | p99 ms |"
+        echo "|---:|---|---:|---:|---:|---|---:|---:|"
+        for conns in $CONNS; do
+            for target in tallyd https keyed_auth; do
+                [[ " $TARGETS " == *" $target "* ]] || continue
+                tps="$(median "$target" "$conns" 7)"
+                case "$target" in https) goal="≥ 0.80" ;; keyed_auth) goal="≥ 0.95" ;; *) goal="-" ;; esac
+                echo "| $conns | $target | $tps | $(ratio "$tps" "$(median noop "$conns" 5)") | $(ratio "$tps" "$(median tallyd "$conns" 7)") | $goal | $(median "$target" "$conns" 8) | $(median "$target" "$conns" 9) |"
+            done
         done
     fi
     if [[ " $TARGETS " == *" transfers "* || " $TARGETS " == *" keyed "* || " $TARGETS " == *" baseline "* ]]; then

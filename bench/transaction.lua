@@ -11,6 +11,11 @@
 wrk.method = "POST"
 wrk.path = "/transaction"
 wrk.headers["Content-Type"] = "application/json"
+-- bench/run.sh's keyed_auth target puts an API key in the environment: every request carries it.
+local bench_key = os.getenv("TALLYD_BENCH_KEY")
+if bench_key ~= nil and bench_key ~= "" then
+   wrk.headers["Authorization"] = "Bearer " .. bench_key
+end
 
 -- The amounts are small beside the seeded opening balances (100,000 and up), and a little over half are
 -- deposits, so that insufficient_funds stays rare: nearly every request must commit.

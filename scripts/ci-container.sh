@@ -508,6 +508,25 @@ balance_kept() {
     (( burst == want_burst )) || fail_because "the answered deposits of the burst are not all there (or more are)"
 }
 
+# The image's way to get a key (README, "Running it in production"): `tallyd keys create` inside the running
+# container, on its volume; within a second every API request needs the key, while the health check (/healthz)
+# goes on without one.
+keys_in_container() {
+    local addr="127.0.0.1:$PORT_SECOND" key code deadline=$(( SECONDS + 10 ))
+    key="$(quiet_podman 60 exec "$SECOND" tallyd keys create --name ci --scope write)"
+    [[ "$key" == tly_* ]] || fail_because "keys create printed '$key'"
+    until [[ "$(post "$addr" "$DEMO_CARD" 1)" == 401 ]]; do
+        (( SECONDS < deadline )) || fail_because "requests without a key still pass 10 s after the key was created"
+        sleep 0.2
+    done
+    code="$(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' -H 'content-type: application/json' \
+        -H "authorization: Bearer $key" --data "{\"card_number\":\"$DEMO_CARD\",\"amount\":-1}" "http://$addr/transaction")"
+    [[ "$code" == 200 ]] || fail_because "POST /transaction with the key -> $code"
+    timeout 10 podman healthcheck run "$SECOND" >/dev/null || fail_because "the health check fails once keys exist"
+    quiet_podman 60 exec "$SECOND" tallyd keys list | grep -q '^ci ' || fail_because "keys list does not show ci"
+    echo "key ci created in the container: without it 401, with it 200; the health check still passes"
+}
+
 stop_second() {
     quiet_podman $(( STOP_TIMEOUT_S + 30 )) stop -t "$STOP_TIMEOUT_S" "$SECOND" >/dev/null
     local rc
@@ -641,6 +660,7 @@ main() {
             check "a new container on the same volume (--network host, TALLYD_LISTEN=127.0.0.1:$PORT_SECOND) is healthy" \
                 start_second
             check "the balances were kept, every answered transaction of the burst included" balance_kept
+            check "tallyd keys create in the container turns keys on; the health check needs none" keys_in_container
             check "the second container stops with exit status 0" stop_second
         fi
         check "stand-in for the compose file's Prometheus, from Debian's prometheus package" make_prometheus_standin

@@ -23,6 +23,40 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Make a new tallyd database from the Flask transaction processor's users.db.
     Import(ImportArgs),
+    /// Create, list and revoke API keys (works while `serve` runs on the same database).
+    Keys(KeysArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// The tallyd database the keys are kept in (created and seeded if it does not exist).
+    #[arg(long, env = "TALLYD_DB", default_value = "users.db", global = true)]
+    pub db: PathBuf,
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a new key and print it, once, on stdout; only its SHA-256 digest is stored.
+    Create {
+        /// The key's name: what metrics, logs and `keys list` show (lowercase letters, digits, - _ .).
+        #[arg(long)]
+        name: String,
+        /// What the key may do: read (GET), write (also POST), admin (also account limits).
+        #[arg(long, value_enum)]
+        scope: crate::auth::keys::Scope,
+        /// Accept the key only over mutual TLS from a client certificate with this subject common name.
+        #[arg(long)]
+        client_cert_cn: Option<String>,
+    },
+    /// Show every key: name, scope, first characters, created, last used, revoked.
+    List,
+    /// Revoke a key by name; a running server refuses it within a second.
+    Revoke {
+        /// The key's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +177,43 @@ pub struct Config {
     #[arg(long, env = "TALLYD_BALANCE_RING", default_value_t = 3600,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub balance_ring: u32,
+
+    /// Serve without API keys on a non-loopback address while the database holds none (once a key
+    /// is created, every request needs one). Without it, such a `serve` refuses to start.
+    #[arg(long, env = "TALLYD_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+
+    /// Serve /metrics, /stats and the live page without a key (for a scraper on a private network).
+    #[arg(long, env = "TALLYD_METRICS_PUBLIC")]
+    pub metrics_public: bool,
+
+    /// Requests per second each API key (or each client address without a key) may make, sustained;
+    /// beyond it, 429 rate_limited. Off when not given.
+    #[arg(long, env = "TALLYD_RATE_LIMIT_PER_S",
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub rate_limit_per_s: Option<u32>,
+
+    /// Requests a caller may make at once above the sustained rate [default: one second's worth].
+    #[arg(long, env = "TALLYD_RATE_LIMIT_BURST", requires = "rate_limit_per_s",
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub rate_limit_burst: Option<u32>,
+
+    /// PEM certificate chain: serve HTTPS (with --tls-key). SIGHUP re-reads both files.
+    #[arg(long, env = "TALLYD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TALLYD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates: require a client certificate signed by one of them (mutual TLS).
+    #[arg(long, env = "TALLYD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Longest a client may take to complete the TLS handshake, in milliseconds.
+    #[arg(long, env = "TALLYD_TLS_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(10..=600_000))]
+    pub tls_handshake_timeout_ms: u32,
 }
 
 /// Limits that are not worth a flag, named in one place.
@@ -161,6 +232,19 @@ pub mod limits {
     pub const RETRY_AFTER_SECONDS: u32 = 1;
     /// How often the average balance is sampled into its ring buffer.
     pub const BALANCE_SAMPLE_PERIOD: Duration = Duration::from_secs(1);
+    /// Most API keys a database may hold, revoked ones included (they stay, to keep their names).
+    pub const KEYS_MAX: usize = 10_000;
+    /// How often a running server re-reads its API keys: a revocation is in force within this.
+    pub const KEY_RELOAD_PERIOD: Duration = Duration::from_millis(250);
+    /// How stale a key's stored "last used" may get. Each write of it makes the engine re-read
+    /// its balances once (it is a write from another connection), so it is written rarely.
+    pub const KEY_LAST_USED_RESOLUTION: Duration = Duration::from_secs(3600);
+    /// How long key management waits for SQLite's write lock (the engine holds it for one commit).
+    pub const KEYS_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Longest `Authorization` token read; anything longer is not a key.
+    pub const KEY_TEXT_BYTES_MAX: usize = 256;
+    /// How often the rate limiter forgets callers whose buckets are full again.
+    pub const RATE_LIMIT_SWEEP_PERIOD: Duration = Duration::from_secs(10);
 }
 
 impl Config {
@@ -181,6 +265,26 @@ impl Config {
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(u64::from(self.idle_timeout_ms))
+    }
+    /// The TLS files, when `--tls-cert` (and so `--tls-key`) is given.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
+    pub fn tls_handshake_timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.tls_handshake_timeout_ms))
+    }
+    /// The rate limit as (per second, burst), if one is set.
+    pub fn rate_limit(&self) -> Option<(std::num::NonZeroU32, std::num::NonZeroU32)> {
+        let per_s = std::num::NonZeroU32::new(self.rate_limit_per_s?)?;
+        let burst = self
+            .rate_limit_burst
+            .and_then(std::num::NonZeroU32::new)
+            .unwrap_or(per_s);
+        Some((per_s, burst))
     }
 
     /// The defaults, as `tallyd serve` with no flag would have them (tests start from here).

@@ -13,10 +13,15 @@
 //!   WAL mode. Every committed transaction updates its account and appends one row to an
 //!   immutable journal in the same SQLite transaction.
 //!
+//! [`auth`] stands at the door, before anything is read or queued: API keys and their scopes,
+//! and per-caller rate limits. [`tls`] serves HTTPS (and mutual TLS) with certificates that
+//! SIGHUP re-reads.
+//!
 //! [`analytics`] and [`telemetry`] only observe: ring buffers for `/stats`, Prometheus metrics
 //! for `/metrics`, and logs.
 
 pub mod analytics;
+pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod engine;
@@ -24,6 +29,7 @@ pub mod http;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod verify;
 
 pub use server::{run, serve_until_signal};

@@ -10,6 +10,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(config) => tallyd::serve_until_signal(config),
         Command::Verify(args) => tallyd::verify::run(&args.db),
         Command::Import(args) => tallyd::verify::import(&args.from, &args.db),
+        Command::Keys(args) => tallyd::auth::keys::run(&args).map_err(Into::into),
     };
     match result {
         Ok(code) => code,

@@ -8,6 +8,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,12 +22,14 @@ use tokio::task::JoinSet;
 use tokio_io_timeout::TimeoutStream;
 
 use crate::analytics::{Analytics, BalanceSample};
+use crate::auth::{self, rate::Limiter};
 use crate::config::{limits, Config};
 use crate::engine::{Engine, EngineState};
-use crate::http::{self, App};
+use crate::http::{self, App, Peer};
 use crate::store::sqlite::{SqliteReader, SqliteStore};
 use crate::store::StoreError;
 use crate::telemetry;
+use crate::tls::{self, Tls, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -34,6 +37,12 @@ pub enum ServerError {
     Listen(#[source] std::io::Error),
     #[error("cannot open the database: {0}")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Unprotected(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("cannot install the SIGHUP handler: {0}")]
+    Signal(#[source] std::io::Error),
 }
 
 /// How long to back off after `accept` fails (e.g. out of file descriptors) before trying again.
@@ -81,6 +90,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     started: std::time::Instant,
 ) -> Result<(), ServerError> {
+    let address = listener.local_addr().map_err(ServerError::Listen)?;
+    // Certificates are checked before anything starts: a typo in a path fails at once.
+    let tls = config.tls_files().map(Tls::load).transpose()?.map(Arc::new);
+    // Keys first: a server that would be open to the network refuses before it does anything else.
+    let (keys, _reloader) = auth::reload::start(&config.db)?;
+    check_exposure(&config, address, keys.current().required())?;
     let (engine, workers) = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || Engine::start(store, &config, http::render))
@@ -99,6 +114,9 @@ pub async fn run(
         Arc::clone(&analytics),
         metrics.clone(),
     ));
+    let limiter = config
+        .rate_limit()
+        .map(|(per_second, burst)| Limiter::new(per_second, burst));
     let app = Arc::new(App {
         engine,
         reader: Arc::new(reader),
@@ -107,22 +125,68 @@ pub async fn run(
         workers: usize::from(config.workers),
         body_limit_bytes: config.body_limit_bytes as usize,
         request_timeout: config.request_timeout(),
+        keys,
+        limiter,
+        metrics_public: config.metrics_public,
     });
+    let sweeper = tokio::spawn(sweep_rate_limits(Arc::clone(&app)));
+    // Installed before `listening` is logged, so that a SIGHUP from then on reloads, never kills.
+    let reloader = reload_on_hangup(tls.clone())?;
 
     let address = listener.local_addr().map_err(ServerError::Listen)?;
+    let scheme = match &tls {
+        Some(tls) if tls.mutual() => "https+mtls",
+        Some(_) => "https",
+        None => "http",
+    };
     // How long the start took (the database opened, every account loaded, the journal replayed):
     // the benchmark reads it.
     let started_in_ms = started.elapsed().as_millis() as u64;
-    tracing::info!(addr = %address, db = %config.db.display(), durability = ?config.durability, started_in_ms, "listening");
-    let connections = accept_until(listener, &app, &config, shutdown).await;
+    tracing::info!(addr = %address, scheme, db = %config.db.display(), durability = ?config.durability, started_in_ms, "listening");
+    let connections = accept_until(listener, &app, tls, &config, shutdown).await;
     drain(connections).await;
 
     tracing::info!("stopped accepting; committing what is queued");
     sampler.abort();
+    sweeper.abort();
+    reloader.abort();
     drop(app);
     let _ = tokio::task::spawn_blocking(move || workers.join()).await;
     tracing::info!("every queued transaction is committed and answered; bye");
     Ok(())
+}
+
+/// Refuses to serve a non-loopback address with no API key unless `--allow-unauthenticated`.
+fn check_exposure(config: &Config, address: SocketAddr, keys_exist: bool) -> Result<(), ServerError> {
+    if keys_exist || address.ip().is_loopback() {
+        return Ok(());
+    }
+    if !config.allow_unauthenticated {
+        return Err(ServerError::Unprotected(format!(
+            "refusing to serve {address} without API keys: anyone who can reach it could move money. \
+             Create a key first: `tallyd keys create --db {db} --name NAME --scope write` (clients then send \
+             `Authorization: Bearer <key>`), or listen on 127.0.0.1, or pass --allow-unauthenticated \
+             (TALLYD_ALLOW_UNAUTHENTICATED=true) to serve without keys until the first one is created",
+            db = config.db.display()
+        )));
+    }
+    tracing::warn!(
+        addr = %address,
+        "serving without API keys on a non-loopback address (--allow-unauthenticated): anyone who can reach \
+         this port can move money; create a key with `tallyd keys create` and every request will need one"
+    );
+    Ok(())
+}
+
+/// Forgets the rate-limit buckets of callers that have gone quiet, so memory follows active callers.
+async fn sweep_rate_limits(app: Arc<App>) -> Infallible {
+    let mut ticker = tokio::time::interval(limits::RATE_LIMIT_SWEEP_PERIOD);
+    loop {
+        ticker.tick().await;
+        if let Some(limiter) = &app.limiter {
+            limiter.sweep();
+        }
+    }
 }
 
 /// Accepts connections until `shutdown`, at most `max_connections` at once. Returns the open
@@ -130,6 +194,7 @@ pub async fn run(
 async fn accept_until(
     listener: TcpListener,
     app: &Arc<App>,
+    tls: Option<Arc<Tls>>,
     config: &Config,
     shutdown: impl Future<Output = ()>,
 ) -> JoinSet<()> {
@@ -139,6 +204,14 @@ async fn accept_until(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(config.idle_timeout());
+    let conn = Conn {
+        app: Arc::clone(app),
+        builder,
+        write_timeout: config.idle_timeout(),
+        handshake_timeout: config.tls_handshake_timeout(),
+        tls,
+        stopping,
+    };
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -146,10 +219,10 @@ async fn accept_until(
             () = &mut shutdown => break,
             slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     tracing::warn!(%error, "accept failed");
                     tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
@@ -158,35 +231,76 @@ async fn accept_until(
             },
         };
         while connections.try_join_next().is_some() {}
-        connections.spawn(serve_connection(
-            stream,
-            Arc::clone(app),
-            builder.clone(),
-            config.idle_timeout(),
-            stopping.clone(),
-            slot,
-        ));
+        connections.spawn(serve_connection(stream, peer, conn.clone(), slot));
     }
     let _ = stop.send(true);
     connections
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+/// What every connection is served with, fixed at start.
+#[derive(Clone)]
+struct Conn {
     app: Arc<App>,
     builder: http1::Builder,
+    /// Longest a write may make no progress (a client that never reads its answers).
     write_timeout: Duration,
-    mut stopping: watch::Receiver<bool>,
-    _slot: OwnedSemaphorePermit,
-) {
+    /// Longest a TLS handshake may take (a client that starts one and stops).
+    handshake_timeout: Duration,
+    tls: Option<Arc<Tls>>,
+    stopping: watch::Receiver<bool>,
+}
+
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, conn: Conn, _slot: OwnedSemaphorePermit) {
     let _ = stream.set_nodelay(true);
     // hyper bounds reading a request head (header_read_timeout) but not writing a response: a
     // client that never reads would hold its connection slot forever. A write that makes no
     // progress for the idle timeout closes the connection.
     let mut stream = TimeoutStream::new(stream);
-    stream.set_write_timeout(Some(write_timeout));
-    let service = service_fn(move |request| http::handle(Arc::clone(&app), request));
-    let connection = builder.serve_connection(TokioIo::new(Box::pin(stream)), service);
+    stream.set_write_timeout(Some(conn.write_timeout));
+    let stream = Box::pin(stream);
+    let Some(tls) = &conn.tls else {
+        let peer = Peer {
+            address: peer.ip(),
+            client_cert_cn: None,
+        };
+        return serve_http(stream, peer, conn).await;
+    };
+    // The handshake is bounded as a whole: a client that sends half a ClientHello, or none, holds
+    // its connection slot for the handshake timeout at most.
+    let stream = match tokio::time::timeout(conn.handshake_timeout, tls.acceptor().accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            telemetry::record_tls_handshake_failure("error");
+            tracing::debug!(%error, peer = %peer, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            telemetry::record_tls_handshake_failure("timeout");
+            tracing::debug!(peer = %peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let peer = Peer {
+        address: peer.ip(),
+        client_cert_cn: tls::client_cert_cn(stream.get_ref().1).map(Arc::from),
+    };
+    serve_http(stream, peer, conn).await;
+}
+
+/// Serves HTTP/1.1 on one connection, plain or TLS, until it closes or shutdown finishes it.
+async fn serve_http<S>(stream: S, peer: Peer, conn: Conn)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Conn {
+        app,
+        builder,
+        mut stopping,
+        ..
+    } = conn;
+    let peer = Arc::new(peer);
+    let service = service_fn(move |request| http::handle(Arc::clone(&app), Arc::clone(&peer), request));
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
@@ -232,6 +346,37 @@ async fn sample_every_second(
         });
         metrics.run_upkeep();
     }
+}
+
+/// Reloads the TLS files on every SIGHUP (and says so when there is no TLS to reload), for as long
+/// as the returned task runs.
+#[cfg(unix)]
+fn reload_on_hangup(tls: Option<Arc<Tls>>) -> Result<tokio::task::JoinHandle<()>, ServerError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup()).map_err(ServerError::Signal)?;
+    Ok(tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let Some(tls) = &tls else {
+                tracing::info!("SIGHUP: no TLS configured, nothing to reload");
+                continue;
+            };
+            let tls = Arc::clone(tls);
+            match tokio::task::spawn_blocking(move || tls.reload()).await {
+                Ok(Ok(())) => {
+                    tracing::info!("SIGHUP: reloaded the TLS certificate and key; new connections use them")
+                }
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "SIGHUP: the TLS files were not reloaded; the ones in force stay")
+                }
+                Err(error) => tracing::error!(%error, "SIGHUP: the TLS reload did not finish"),
+            }
+        }
+    }))
+}
+
+#[cfg(not(unix))]
+fn reload_on_hangup(_tls: Option<Arc<Tls>>) -> Result<tokio::task::JoinHandle<()>, ServerError> {
+    Ok(tokio::spawn(async {}))
 }
 
 /// Installs the SIGINT and SIGTERM handlers now and returns a future that completes on either.

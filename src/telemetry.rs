@@ -25,6 +25,8 @@ pub const ACCOUNTS: &str = "tallyd_accounts";
 pub const ACCOUNT_TABLE_BYTES: &str = "tallyd_account_table_bytes";
 pub const IDEMPOTENCY_KEYS_LIVE: &str = "tallyd_idempotency_keys_live";
 pub const WRITE_BACK_LAG: &str = "tallyd_write_back_lag_transactions";
+pub const API_REQUESTS_TOTAL: &str = "tallyd_api_requests_total";
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "tallyd_tls_handshake_failures_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -104,6 +106,19 @@ pub fn describe(workers: usize, queue_capacity: usize) {
             counter!(TRANSACTIONS_TOTAL, "kind" => kind, "outcome" => outcome.as_str()).absolute(0);
         }
     }
+    describe_counter!(
+        API_REQUESTS_TOTAL,
+        "Requests to routes that take an API key, by key name (never the key) and outcome; \
+         (anonymous): no key needed, (missing): none sent, (invalid): not valid here"
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES_TOTAL,
+        "TLS handshakes that failed (error: refused or garbled; timeout: not finished in time)"
+    );
+    for reason in ["error", "timeout"] {
+        counter!(TLS_HANDSHAKE_FAILURES_TOTAL, "reason" => reason).absolute(0);
+    }
+    let _ = stand_in_counters();
     counter!(BATCH_FAILURES_TOTAL).absolute(0);
     gauge!(WORKERS).set(workers as f64);
     gauge!(QUEUE_CAPACITY).set(queue_capacity as f64);
@@ -130,6 +145,11 @@ pub fn record_replay(route: &'static str) {
     counter!(IDEMPOTENT_REPLAYS_TOTAL, "route" => route).increment(1);
 }
 
+/// A TLS handshake failed, for `reason` `error` or `timeout`.
+pub fn record_tls_handshake_failure(reason: &'static str) {
+    counter!(TLS_HANDSHAKE_FAILURES_TOTAL, "reason" => reason).increment(1);
+}
+
 /// Any HTTP request was answered.
 pub fn record_http(route: &'static str, status: u16) {
     counter!(HTTP_REQUESTS_TOTAL, "route" => route, "status" => status_label(status)).increment(1);
@@ -148,6 +168,10 @@ fn status_label(status: u16) -> metrics::SharedString {
         422 => "422",
         500 => "500",
         503 => "503",
+        201 => "201",
+        401 => "401",
+        403 => "403",
+        429 => "429",
         other => return other.to_string().into(),
     };
     known.into()
@@ -173,4 +197,82 @@ pub fn set_gauges(gauges: &Gauges) {
     gauge!(ACCOUNT_TABLE_BYTES).set(gauges.account_table_bytes as f64);
     gauge!(IDEMPOTENCY_KEYS_LIVE).set(gauges.idempotency_keys_live as f64);
     gauge!(WRITE_BACK_LAG).set(gauges.write_back_lag as f64);
+}
+
+/// How a request that went through the door ended, for `tallyd_api_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiOutcome {
+    Ok,
+    Unauthorized,
+    Forbidden,
+    RateLimited,
+    /// Any other 4xx: the request was let in and refused by its route.
+    ClientError,
+    ServerError,
+}
+
+impl ApiOutcome {
+    pub const ALL: [ApiOutcome; 6] = [
+        ApiOutcome::Ok,
+        ApiOutcome::Unauthorized,
+        ApiOutcome::Forbidden,
+        ApiOutcome::RateLimited,
+        ApiOutcome::ClientError,
+        ApiOutcome::ServerError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiOutcome::Ok => "ok",
+            ApiOutcome::Unauthorized => "unauthorized",
+            ApiOutcome::Forbidden => "forbidden",
+            ApiOutcome::RateLimited => "rate_limited",
+            ApiOutcome::ClientError => "client_error",
+            ApiOutcome::ServerError => "server_error",
+        }
+    }
+
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            401 => ApiOutcome::Unauthorized,
+            403 => ApiOutcome::Forbidden,
+            429 => ApiOutcome::RateLimited,
+            400..=499 => ApiOutcome::ClientError,
+            500..=599 => ApiOutcome::ServerError,
+            _ => ApiOutcome::Ok,
+        }
+    }
+}
+
+/// The `tallyd_api_requests_total` series of one caller, registered once so that counting a
+/// request is one atomic add (no label formatting or registry lookup per request).
+pub struct CallerCounters([metrics::Counter; 6]);
+
+impl CallerCounters {
+    /// `label` is a key's name or one of the bracketed stand-ins, never a key.
+    pub fn new(label: &str) -> Self {
+        Self(ApiOutcome::ALL.map(
+            |outcome| counter!(API_REQUESTS_TOTAL, "key" => label.to_owned(), "outcome" => outcome.as_str()),
+        ))
+    }
+
+    pub fn record(&self, status: u16) {
+        let outcome = ApiOutcome::of_status(status);
+        let index = ApiOutcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+        self.0[index].increment(1);
+    }
+}
+
+impl std::fmt::Debug for CallerCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallerCounters")
+    }
+}
+
+/// The series of callers without a valid key: `(anonymous)` (no key needed, none sent),
+/// `(missing)` (a key was needed) and `(invalid)` (one was sent that is not valid here). Key names
+/// start with a letter or digit, so these can never be a key's name.
+pub fn stand_in_counters() -> &'static [CallerCounters; 3] {
+    static STAND_INS: OnceLock<[CallerCounters; 3]> = OnceLock::new();
+    STAND_INS.get_or_init(|| ["(anonymous)", "(missing)", "(invalid)"].map(CallerCounters::new))
 }

@@ -3,10 +3,16 @@
 //! not HTTP at all) hyper's bare status line and a closed connection, or just a closed connection;
 //! never a panic, a hang, or a balance that moves. Slow and idle clients must hold neither a worker
 //! nor the queue, and the timeouts must free their connection slots.
+//!
+//! The TLS port gets its own hostile cases (at the end): plaintext HTTP, garbage instead of a
+//! ClientHello, a handshake that starts and never finishes (bounded by the handshake timeout, and
+//! holding a connection slot no longer), and client certificates that are expired or from another CA.
 
 mod common;
 #[path = "common/raw.rs"]
 mod raw;
+#[path = "common/tls.rs"]
+mod tls_support;
 
 use std::time::{Duration, Instant};
 
@@ -1509,4 +1515,119 @@ fn a_client_that_never_reads_cannot_hold_a_connection_slot() {
             "another client was not served within {CASE_WAIT:?} while a slow reader held the only slot: {other:?}"
         ),
     }
+}
+
+/// The handshake timeout of the TLS cases: short, so that a stalled handshake is cut off quickly.
+const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 500;
+
+/// A TLS server with a client CA, allowing 2 connections at once, and what it was made with.
+fn hostile_tls_server(dir: &std::path::Path) -> (Server, tls_support::Ca, tls_support::Ca) {
+    let server_ca = tls_support::Ca::new("server CA");
+    let client_ca = tls_support::Ca::new("client CA");
+    let files = tls_support::TlsFiles::write(dir, &server_ca.server(), Some(&client_ca));
+    let mut args = files.mutual_args();
+    args.extend([
+        "--tls-handshake-timeout-ms".to_owned(),
+        TLS_HANDSHAKE_TIMEOUT_MS.to_string(),
+        "--max-connections".to_owned(),
+        "2".to_owned(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start_on(&dir.join("users.db"), &args);
+    (server, server_ca, client_ca)
+}
+
+/// A request over a fresh mutual-TLS connection succeeds: the server is alive and has a free slot.
+async fn tls_request_succeeds(server: &Server, server_ca: &tls_support::Ca, client_ca: &tls_support::Ca) {
+    let identity = client_ca.client("ok");
+    let mut client = tls_support::connect(server.addr, server_ca, Some(&identity))
+        .await
+        .expect("a good client connects");
+    assert_eq!(client.get("/healthz").await.status, hyper::StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_tls_port_closes_plaintext_garbage_and_stalled_handshakes_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, server_ca, client_ca) = hostile_tls_server(dir.path());
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("plaintext HTTP", request("GET", "/healthz", &[], None)),
+        ("garbage", (0..2048u32).map(|i| (i * 7919 % 251) as u8).collect()),
+        (
+            "a TLS record header claiming 16 KiB and nothing after it",
+            vec![0x16, 0x03, 0x01, 0x40, 0x00],
+        ),
+        (
+            "half a ClientHello",
+            vec![0x16, 0x03, 0x01, 0x00, 0xc8, 0x01, 0x00, 0x00, 0xc4, 0x03, 0x03],
+        ),
+    ];
+    for (name, bytes) in cases {
+        let mut conn = RawConn::connect(server.addr);
+        let started = Instant::now();
+        conn.send(&bytes);
+        match conn.read_answer(CASE_WAIT) {
+            Answer::Closed => {}
+            Answer::Response(response) => {
+                panic!("{name}: an HTTP answer on the TLS port: {}", response.status)
+            }
+            Answer::Silent => panic!("{name}: still open after {CASE_WAIT:?}"),
+        }
+        eprintln!("{name}: closed after {:?}", started.elapsed());
+    }
+    // Two stalled handshakes fill both connection slots; the timeout frees them for a real client.
+    let mut stalled: Vec<RawConn> = (0..2).map(|_| RawConn::connect(server.addr)).collect();
+    for conn in &mut stalled {
+        conn.send(&[0x16, 0x03, 0x01]);
+    }
+    let started = Instant::now();
+    for conn in &mut stalled {
+        assert!(
+            conn.wait_closed(CASE_WAIT),
+            "a stalled handshake was never cut off"
+        );
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS / 2),
+        "closed after {waited:?}: before the timeout, so not by it"
+    );
+    tls_request_succeeds(&server, &server_ca, &client_ca).await;
+    let identity = client_ca.client("metrics");
+    let mut client = tls_support::connect(server.addr, &server_ca, Some(&identity))
+        .await
+        .unwrap();
+    let series = common::parse_prometheus(&client.get("/metrics").await.text);
+    let timeouts = common::series_value(
+        &series,
+        "tallyd_tls_handshake_failures_total",
+        &[("reason", "timeout")],
+    );
+    assert!(timeouts.is_some_and(|n| n >= 2.0), "{timeouts:?}");
+}
+
+#[tokio::test]
+async fn expired_and_foreign_client_certificates_are_refused_and_the_server_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, server_ca, client_ca) = hostile_tls_server(dir.path());
+    let expired = client_ca.expired_client("gateway");
+    let foreign = tls_support::Ca::new("rogue CA").client("gateway");
+    // A self-signed certificate that claims the client CA's name but was not signed by it.
+    let impostor = tls_support::Ca::new("client CA").client("gateway");
+    for (name, identity) in [
+        ("expired", &expired),
+        ("another CA's", &foreign),
+        ("an impostor CA's", &impostor),
+    ] {
+        let refused = match tls_support::connect(server.addr, &server_ca, Some(identity)).await {
+            Err(_) => true,
+            Ok(mut client) => {
+                let request = client.transaction_request(DEMO_CARD, 1);
+                client.try_request(request).await.is_err()
+            }
+        };
+        assert!(refused, "{name} certificate was let in");
+    }
+    tls_request_succeeds(&server, &server_ca, &client_ca).await;
+    assert_eq!(common::db_transactions(&server.sqlite()), 0, "nothing moved");
 }

@@ -93,6 +93,10 @@ pub enum Refusal {
 /// of HTTP.
 pub type Render = fn(&Command, &Outcome) -> (u16, Vec<u8>);
 
+/// An idempotency key with what it is scoped to (the route, or the API key's name and the route):
+/// the same key in two scopes is two keys.
+pub type ScopedKey<'a> = (&'static str, &'a IdempotencyKey);
+
 /// Why a debit or credit of a card is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CardRule {
@@ -339,7 +343,7 @@ impl<S: Store> Ledger<S> {
     /// happened to each.
     pub fn apply_batch<'a, I>(&mut self, commands: I, at_unix_ms: i64) -> BatchReport
     where
-        I: Iterator<Item = (&'a Command, Option<&'a IdempotencyKey>)> + Clone,
+        I: Iterator<Item = (&'a Command, Option<ScopedKey<'a>>)> + Clone,
     {
         let at = at_unix_ms.max(self.last_at_ms);
         self.last_at_ms = at;
@@ -495,7 +499,7 @@ impl<S: Store> Ledger<S> {
 
     fn decide<'a, I>(&mut self, commands: I, at: i64) -> (Vec<Outcome>, Staging<'a>)
     where
-        I: Iterator<Item = (&'a Command, Option<&'a IdempotencyKey>)>,
+        I: Iterator<Item = (&'a Command, Option<ScopedKey<'a>>)>,
     {
         let committed = self.committed.read();
         let mut staging = Staging {
@@ -511,14 +515,13 @@ impl<S: Store> Ledger<S> {
             keys: Map::default(),
             keys_unknown: false,
         };
-        let commands: Vec<(&'a Command, Option<&'a IdempotencyKey>)> = commands.collect();
+        let commands: Vec<(&'a Command, Option<ScopedKey<'a>>)> = commands.collect();
         // The records that may hold this batch's keys, read back at once; a record whose name is
         // another key's (a hash collision) does not count.
-        let wanted: Vec<((&'static str, &'a IdempotencyKey), i64)> = commands
+        let wanted: Vec<(ScopedKey<'a>, i64)> = commands
             .iter()
-            .filter_map(|(command, key)| {
-                let key = (*key)?;
-                let scope = command.scope();
+            .filter_map(|(_, key)| {
+                let (scope, key) = (*key)?;
                 committed.key_candidate(scope, key).map(|id| ((scope, key), id))
             })
             .collect();
@@ -607,15 +610,14 @@ fn decide_keyed<'a>(
     staging: &mut Staging<'a>,
     render: Render,
     command: &'a Command,
-    key: Option<&'a IdempotencyKey>,
+    key: Option<ScopedKey<'a>>,
 ) -> Outcome {
-    let Some(key) = key else {
+    let Some((scope, key)) = key else {
         return execute(committed, staging, command);
     };
     if staging.keys_unknown {
         return Outcome::StorageFailed;
     }
-    let scope = command.scope();
     let earlier = staging.keys.get(&(scope, key)).cloned();
     let fingerprint = command.fingerprint();
     if let Some(answer) = earlier {
@@ -1026,7 +1028,11 @@ mod tests {
         let first = transfer(1, 2, 30);
         let other = transfer(1, 2, 31);
         // Three in one batch: the first executes, the same request replays it, another is refused.
-        let batch = [(&first, Some(&key)), (&first, Some(&key)), (&other, Some(&key))];
+        let batch = [
+            (&first, Some((first.scope(), &key))),
+            (&first, Some((first.scope(), &key))),
+            (&other, Some((other.scope(), &key))),
+        ];
         let report = ledger.apply_batch(batch.into_iter(), 1_000);
         let executed = Outcome::Transferred {
             id: 1,
@@ -1047,7 +1053,10 @@ mod tests {
         );
         // A later batch finds it in the store; the same key on another route is another key.
         let deposit_keyed = deposit(1, 5);
-        let batch = [(&first, Some(&key)), (&deposit_keyed, Some(&key))];
+        let batch = [
+            (&first, Some((first.scope(), &key))),
+            (&deposit_keyed, Some((deposit_keyed.scope(), &key))),
+        ];
         let report = ledger.apply_batch(batch.into_iter(), 2_000);
         assert_eq!(report.outcomes[0], Outcome::Replayed(stored));
         assert!(matches!(report.outcomes[1], Outcome::Posted { id: 2, .. }));
@@ -1060,13 +1069,13 @@ mod tests {
         let mut ledger = ledger(&[(1, 10), (2, 0)]);
         let key = IdempotencyKey::parse(b"refused").unwrap();
         let big = transfer(1, 2, 50);
-        let report = ledger.apply_batch([(&big, Some(&key))].into_iter(), 1_000);
+        let report = ledger.apply_batch([(&big, Some((big.scope(), &key)))].into_iter(), 1_000);
         assert_eq!(
             report.outcomes[0],
             Outcome::Refused(Refusal::InsufficientFunds { balance: 10 })
         );
         run(&mut ledger, &[deposit(1, 100)]);
-        let report = ledger.apply_batch([(&big, Some(&key))].into_iter(), 2_000);
+        let report = ledger.apply_batch([(&big, Some((big.scope(), &key)))].into_iter(), 2_000);
         assert!(matches!(&report.outcomes[0], Outcome::Replayed(stored) if stored.status == 422));
         assert_eq!(ledger.store.card_balance(&card(1)), Some(110));
     }
@@ -1160,7 +1169,12 @@ mod tests {
                 .collect();
             ledger.store.fail_commits = rng.below(15) == 0;
             ledger.store.conflicts = u32::from(rng.below(15) == 0);
-            let report = ledger.apply_batch(commands.iter().map(|(c, k)| (c, k.as_ref())), round);
+            let report = ledger.apply_batch(
+                commands
+                    .iter()
+                    .map(|(c, k)| (c, k.as_ref().map(|k| (c.scope(), k)))),
+                round,
+            );
             // Now and then a chunk of write-back (which may fail too), or a restart, which replays
             // whatever the rows lack: neither may change what the ledger decides next.
             ledger.store.fail_commits = rng.below(4) == 0;

@@ -43,6 +43,9 @@ pub struct Job {
     pub command: Command,
     /// The client's `Idempotency-Key`, if it sent one.
     pub key: Option<IdempotencyKey>,
+    /// What the key is scoped to: the route ([`Command::scope`]), prefixed with the API key's name
+    /// when the caller used one (`"checkout/transaction"`), so that callers never share answers.
+    pub scope: &'static str,
     pub reply: oneshot::Sender<Outcome>,
 }
 
@@ -149,9 +152,15 @@ impl Engine {
         &self,
         command: Command,
         key: Option<IdempotencyKey>,
+        scope: &'static str,
     ) -> Result<oneshot::Receiver<Outcome>, SubmitError> {
         let (reply, answer) = oneshot::channel();
-        match self.queue.try_send(Job { command, key, reply }) {
+        match self.queue.try_send(Job {
+            command,
+            key,
+            scope,
+            reply,
+        }) {
             Ok(()) => Ok(answer),
             Err(flume::TrySendError::Full(_)) => Err(SubmitError::QueueFull),
             Err(flume::TrySendError::Disconnected(_)) => Err(SubmitError::ShuttingDown),
@@ -164,12 +173,17 @@ impl Engine {
         self.committed.read().card(card)
     }
 
-    /// The idempotency records that may hold `key` on any of `scopes` (to be checked by name).
-    pub fn key_candidates(&self, key: &IdempotencyKey, scopes: &[&str]) -> Vec<i64> {
+    /// The idempotency records that may hold `key` on any of `scopes`, each with its scope (to
+    /// be checked against the record's own name).
+    pub fn key_candidates(&self, key: &IdempotencyKey, scopes: &[&str]) -> Vec<(String, i64)> {
         let committed = self.committed.read();
         scopes
             .iter()
-            .filter_map(|scope| committed.key_candidate(scope, key))
+            .filter_map(|scope| {
+                committed
+                    .key_candidate(scope, key)
+                    .map(|id| ((*scope).to_owned(), id))
+            })
             .collect()
     }
 

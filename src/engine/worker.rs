@@ -64,7 +64,9 @@ pub(super) fn run<S: Store>(
         state.in_progress.fetch_add(batch.len() - 1, Ordering::Relaxed);
         let started = Instant::now();
         let report = locked.apply_batch(
-            batch.iter().map(|job| (&job.command, job.key.as_ref())),
+            batch
+                .iter()
+                .map(|job| (&job.command, job.key.as_ref().map(|key| (job.scope, key)))),
             crate::unix_ms_now(),
         );
         drop(locked);

@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 use serde_json::json;
@@ -18,6 +18,9 @@ use crate::domain::Command;
 use crate::engine::{Outcome, Refusal, SubmitError};
 
 pub type HttpResponse = Response<Full<Bytes>>;
+
+/// The challenge of a 401 without a key (RFC 6750).
+pub const BEARER_CHALLENGE: &str = "Bearer realm=\"tallyd\"";
 
 /// The header that marks an answer replayed from an idempotency key.
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
@@ -53,6 +56,12 @@ pub enum ErrorCode {
     StorageUnavailable,
     ShuttingDown,
     NotReady,
+    /// No API key, or one that is unknown, revoked or bound to another client certificate.
+    Unauthorized,
+    /// A valid API key whose scope does not allow the route.
+    Forbidden,
+    /// The caller's rate limit is spent; nothing was read or queued.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -85,6 +94,9 @@ impl ErrorCode {
             ErrorCode::StorageUnavailable => "storage_unavailable",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::NotReady => "not_ready",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 
@@ -105,6 +117,9 @@ impl ErrorCode {
                 StatusCode::NOT_FOUND
             }
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::AccountExists => StatusCode::CONFLICT,
             ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -149,7 +164,10 @@ impl ErrorCode {
             | ErrorCode::BodyTooLarge
             | ErrorCode::UnsupportedMediaType
             | ErrorCode::BalanceLimitExceeded
-            | ErrorCode::IdempotencyKeyReused => OutcomeLabel::Rejected,
+            | ErrorCode::IdempotencyKeyReused
+            | ErrorCode::Unauthorized
+            | ErrorCode::Forbidden
+            | ErrorCode::RateLimited => OutcomeLabel::Rejected,
         }
     }
 }
@@ -165,8 +183,10 @@ pub struct ApiError {
     pub card_number: Option<String>,
     /// Methods the route accepts, for 405.
     pub allow: Option<&'static str>,
-    /// Seconds to wait, for `queue_full`.
+    /// Seconds to wait, for `queue_full` and `rate_limited`.
     pub retry_after: Option<u32>,
+    /// The `WWW-Authenticate` challenge, for `unauthorized` (and `forbidden`: which scope is needed).
+    pub www_authenticate: Option<&'static str>,
 }
 
 impl ApiError {
@@ -178,6 +198,7 @@ impl ApiError {
             card_number: None,
             allow: None,
             retry_after: None,
+            www_authenticate: None,
         }
     }
 
@@ -226,6 +247,15 @@ impl ApiError {
         }
         if let Some(seconds) = self.retry_after {
             headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        // RFC 6750: a 401 always says how to authenticate.
+        let challenge = match (self.code, self.www_authenticate) {
+            (_, Some(challenge)) => Some(challenge),
+            (ErrorCode::Unauthorized, None) => Some(BEARER_CHALLENGE),
+            _ => None,
+        };
+        if let Some(challenge) = challenge {
+            headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
         }
         response
     }

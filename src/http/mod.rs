@@ -2,6 +2,7 @@
 //! hand commands to the engine, and turn its outcomes into responses; they never touch storage
 //! for writes.
 
+mod auth;
 pub mod decode;
 pub mod error;
 mod routes;
@@ -12,9 +13,12 @@ use std::time::Duration;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::analytics::Analytics;
+use crate::auth::rate::Limiter;
+use crate::auth::KeyRing;
 use crate::engine::Engine;
 use crate::store::Reader;
 
+pub use auth::Peer;
 pub use error::{render, ApiError, ErrorCode, HttpResponse};
 pub use routes::handle;
 
@@ -30,4 +34,10 @@ pub struct App {
     pub body_limit_bytes: usize,
     /// Longest a client may take to send a request body.
     pub request_timeout: Duration,
+    /// The API keys in force, swapped by the reload thread.
+    pub keys: Arc<KeyRing>,
+    /// Per-caller token buckets, when `--rate-limit-per-s` is set.
+    pub limiter: Option<Limiter>,
+    /// Serve /metrics, /stats and the live page without a key.
+    pub metrics_public: bool,
 }

@@ -12,11 +12,14 @@ use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
+use super::auth::{admit, Identity, Peer};
 use super::error::{
     bytes_response, json_response, outcome_result, ApiError, ErrorCode, HttpResponse, IDEMPOTENT_REPLAYED,
 };
 use super::{decode, App};
 use crate::analytics::OutcomeLabel;
+use crate::auth::keys::Scope;
+use crate::auth::{Caller, IdempotencyScopes};
 use crate::domain::{CardNumber, Command, Kind, MONEY_SCOPES};
 use crate::engine::Outcome;
 use crate::store::{AccountState, AccountView, Reader, StoreError};
@@ -104,6 +107,25 @@ impl Route {
         }
     }
 
+    /// The scope a caller needs, or `None` for a route anyone may call. `/healthz` and `/readyz`
+    /// are for probes, which carry no key; the observability routes are public only when the
+    /// operator says so (`--metrics-public`), since they show volumes and balances.
+    fn needed_scope(self, metrics_public: bool) -> Option<Scope> {
+        match self {
+            Route::Healthz | Route::Readyz => None,
+            Route::Metrics | Route::Stats | Route::Dashboard if metrics_public => None,
+            Route::Transaction | Route::Transfers | Route::Accounts => Some(Scope::Write),
+            Route::Metrics
+            | Route::Stats
+            | Route::Dashboard
+            | Route::Account
+            | Route::AccountEntries
+            | Route::Transactions
+            | Route::TransactionById
+            | Route::Balance => Some(Scope::Read),
+        }
+    }
+
     fn accepts(self, method: &Method) -> bool {
         if self.is_post() {
             method == Method::POST
@@ -126,8 +148,12 @@ fn router() -> &'static matchit::Router<Route> {
     })
 }
 
-/// Answers one request. Never fails: every problem becomes a JSON error response.
-pub async fn handle<B>(app: Arc<App>, request: Request<B>) -> Result<HttpResponse, std::convert::Infallible>
+/// Answers one request from `peer`. Never fails: every problem becomes a JSON error response.
+pub async fn handle<B>(
+    app: Arc<App>,
+    peer: Arc<Peer>,
+    request: Request<B>,
+) -> Result<HttpResponse, std::convert::Infallible>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -135,6 +161,23 @@ where
     let path = request.uri().path().to_owned();
     let matched = router().at(&path).ok();
     let route = matched.as_ref().map(|m| *m.value);
+    // An unknown path needs a key like any route, so that a caller without one cannot map the API.
+    let needed = route.map_or(Some(Scope::Read), |route| route.needed_scope(app.metrics_public));
+    let (identity, caller) = match needed {
+        None => (None, Caller::Anonymous),
+        Some(needed) => match admit(&app, &peer, request.headers(), needed) {
+            (identity, Ok(caller)) => (Some(identity), caller),
+            (identity, Err(error)) => {
+                let response = error.into_response();
+                record(route, Some(&identity), response.status().as_u16());
+                return Ok(response);
+            }
+        },
+    };
+    let scopes = match &caller {
+        Caller::Key(key) => Some(key.idempotency_scopes),
+        Caller::Anonymous => None,
+    };
     let param = |name: &str| {
         matched
             .as_ref()
@@ -150,26 +193,32 @@ where
             ApiError::method_not_allowed(route.allow()).into_response()
         }
         Some(Route::Transaction) => {
-            post(&app, request, |body| {
+            post(&app, request, scopes, |body| {
                 decode::transaction(body).map(Command::Transaction)
             })
             .await
         }
         Some(Route::Transfers) => {
-            post(&app, request, |body| {
+            post(&app, request, scopes, |body| {
                 decode::transfer(body).map(Command::Transfer)
             })
             .await
         }
         Some(Route::Accounts) => {
-            post(&app, request, |body| {
+            post(&app, request, scopes, |body| {
                 decode::open_account(body).map(Command::OpenAccount)
             })
             .await
         }
         Some(Route::Account) => account(&app, &param("card")).await,
         Some(Route::AccountEntries) => entries(&app, &param("card"), query).await,
-        Some(Route::Transactions) => transaction_by_key(&app, query).await,
+        Some(Route::Transactions) => {
+            let prefix = match &caller {
+                Caller::Key(key) => Arc::clone(&key.name),
+                Caller::Anonymous => Arc::from(""),
+            };
+            transaction_by_key(&app, prefix, query).await
+        }
         Some(Route::TransactionById) => transaction_by_id(&app, &param("id")).await,
         Some(Route::Balance) => balance(&app, query).await,
         Some(Route::Metrics) => metrics(&app),
@@ -178,8 +227,25 @@ where
         Some(Route::Readyz) => readyz(&app),
         Some(Route::Dashboard) => dashboard(),
     };
-    telemetry::record_http(route.map_or("other", Route::pattern), response.status().as_u16());
+    record(route, identity.as_ref(), response.status().as_u16());
     Ok(response)
+}
+
+/// Counts an answer by route and status, and by caller when the route takes a key.
+fn record(route: Option<Route>, identity: Option<&Identity>, status: u16) {
+    telemetry::record_http(route.map_or("other", Route::pattern), status);
+    let Some(identity) = identity else { return };
+    static STAND_INS: OnceLock<[telemetry::CallerCounters; 3]> = OnceLock::new();
+    let stand_ins = || {
+        STAND_INS
+            .get_or_init(|| ["(anonymous)", "(missing)", "(invalid)"].map(telemetry::CallerCounters::new))
+    };
+    match identity {
+        Identity::Key(key) => key.counters().record(status),
+        Identity::Anonymous => stand_ins()[0].record(status),
+        Identity::Missing => stand_ins()[1].record(status),
+        Identity::Invalid => stand_ins()[2].record(status),
+    }
 }
 
 /// Every `POST`: the idempotency key, the body, one command; queue it, wait for the commit,
@@ -187,6 +253,7 @@ where
 async fn post<B>(
     app: &App,
     request: Request<B>,
+    scopes: Option<IdempotencyScopes>,
     decode: impl FnOnce(&[u8]) -> Result<Command, ApiError>,
 ) -> HttpResponse
 where
@@ -215,7 +282,10 @@ where
             Command::Transfer(_) => Kind::Transfer.as_str(),
             Command::OpenAccount(_) => "account",
         };
-        let answer = app.engine.submit(command.clone(), key)?;
+        // Idempotency keys are scoped per API key as well as per route: two callers never share
+        // (or replay) each other's answers. Without keys the scope is the route, as before.
+        let scope = scopes.map_or(command.scope(), |scopes| scopes.of(command.scope()));
+        let answer = app.engine.submit(command.clone(), key, scope)?;
         // Once queued, the command will be decided whatever happens to this request, so there is
         // no timeout here: a worker always answers, after at most one commit's time.
         let outcome = answer
@@ -469,7 +539,8 @@ async fn transaction_by_id(app: &App, id: &str) -> HttpResponse {
 
 /// `GET /transactions?idempotency_key=K`: what a keyed request produced, for a client that lost
 /// its answer. The key is percent-decoded, as a query string's values are.
-async fn transaction_by_key(app: &App, query: Option<&str>) -> HttpResponse {
+/// Keys are scoped per API key: `scope_prefix` is the caller's key name ("" without keys).
+async fn transaction_by_key(app: &App, scope_prefix: Arc<str>, query: Option<&str>) -> HttpResponse {
     let result = async {
         let text = query_value(query, "idempotency_key")?.ok_or_else(|| {
             ApiError::new(ErrorCode::MissingField, "give the key as ?idempotency_key=...")
@@ -478,7 +549,12 @@ async fn transaction_by_key(app: &App, query: Option<&str>) -> HttpResponse {
             .ok_or_else(|| ApiError::new(ErrorCode::InvalidIdempotencyKey, "the key is not percent-encoded properly"))?;
         let key = decode::idempotency_key(Some(&bytes))?.expect("a key was given");
         let lookup = key.clone();
-        let candidates = app.engine.key_candidates(&key, MONEY_SCOPES);
+        let scopes: Vec<String> = MONEY_SCOPES
+            .iter()
+            .map(|route| format!("{scope_prefix}{route}"))
+            .collect();
+        let scopes: Vec<&str> = scopes.iter().map(String::as_str).collect();
+        let candidates = app.engine.key_candidates(&key, &scopes);
         read(app, move |reader| reader.transaction_by_key(&lookup, &candidates))
             .await?
             .map(|transaction| json_response(StatusCode::OK, &transaction))

@@ -316,11 +316,12 @@ pub trait Reader: Send + Sync + 'static {
     fn opened_at(&self, card: &CardNumber) -> Result<Option<i64>, StoreError>;
     fn transaction(&self, id: i64) -> Result<Option<TransactionView>, StoreError>;
     /// The newest transaction produced by one of these idempotency records (the engine's
-    /// candidates for `key`), checking that each really is kept under `key`.
+    /// candidates for `key`, each with the scope it was found under), checking that each really
+    /// is kept under that scope and `key`.
     fn transaction_by_key(
         &self,
         key: &IdempotencyKey,
-        records: &[i64],
+        records: &[(String, i64)],
     ) -> Result<Option<TransactionView>, StoreError>;
     /// Up to `limit` entries of `card` older than the transaction `starting_after` (newest first),
     /// walking its chain from `head`; `None` without such a card.

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -35,6 +35,8 @@ pub struct Server {
     child: Child,
     pub addr: SocketAddr,
     pub db: PathBuf,
+    /// Every line the server has logged so far.
+    pub log: Arc<Mutex<String>>,
     /// Keeps the database directory alive as long as the server (none when the caller owns it).
     _dir: Option<tempfile::TempDir>,
 }
@@ -51,23 +53,35 @@ impl Server {
 
     /// Starts the server on a database the caller keeps (so that it survives restarts).
     pub fn start_on(db: &Path, extra: &[&str]) -> Server {
+        Self::start_with(db, "127.0.0.1:0", extra, "info")
+    }
+
+    /// Starts `tallyd serve --listen LISTEN` with `RUST_LOG=log_filter`.
+    pub fn start_with(db: &Path, listen: &str, extra: &[&str], log_filter: &str) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+            .args(["serve", "--listen", listen, "--db"])
             .arg(db)
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting tallyd");
-        let addr = listening_address(child.stderr.take().expect("piped stderr"));
+        let log = Arc::new(Mutex::new(String::new()));
+        let addr = listening_address(child.stderr.take().expect("piped stderr"), Arc::clone(&log));
         Server {
             child,
             addr,
             db: db.to_owned(),
+            log,
             _dir: None,
         }
+    }
+
+    /// What the server has logged so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 
     pub fn pid(&self) -> u32 {
@@ -129,6 +143,49 @@ impl Drop for Server {
     }
 }
 
+/// Runs `tallyd keys ARGS --db DB` and returns its output (not asserting success).
+pub fn keys(db: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .arg("keys")
+        .args(args)
+        .arg("--db")
+        .arg(db)
+        .output()
+        .expect("running tallyd keys")
+}
+
+/// `tallyd keys create --name NAME --scope SCOPE [EXTRA...]`: the new key, asserting success.
+pub fn create_key(db: &Path, name: &str, scope: &str, extra: &[&str]) -> String {
+    let mut args = vec!["create", "--name", name, "--scope", scope];
+    args.extend_from_slice(extra);
+    let output = keys(db, &args);
+    assert!(
+        output.status.success(),
+        "keys create failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let key = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("tly_"), "{key}");
+    key
+}
+
+/// `tallyd keys list`'s output, asserting success.
+pub fn list_keys(db: &Path) -> Vec<u8> {
+    let output = keys(db, &["list"]);
+    assert!(output.status.success(), "keys list failed");
+    output.stdout
+}
+
+/// `tallyd keys revoke NAME`, asserting success.
+pub fn revoke_key(db: &Path, name: &str) {
+    let output = keys(db, &["revoke", name]);
+    assert!(
+        output.status.success(),
+        "keys revoke failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 pub fn verify(db: &Path) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_tallyd"))
         .args(["verify", "--db"])
@@ -146,12 +203,17 @@ pub fn verify(db: &Path) -> String {
 
 /// Reads the server's log until it says where it listens; keeps draining it afterwards so that the
 /// server never blocks on a full pipe.
-fn listening_address(stderr: std::process::ChildStderr) -> SocketAddr {
+fn listening_address(stderr: std::process::ChildStderr, log: Arc<Mutex<String>>) -> SocketAddr {
     let (found, address) = mpsc::channel();
     std::thread::spawn(move || {
         let mut found = Some(found);
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
+            {
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
             if std::env::var_os("TALLYD_TEST_LOG").is_some() {
                 eprintln!("[tallyd] {line}");
             }
@@ -173,6 +235,8 @@ fn listening_address(stderr: std::process::ChildStderr) -> SocketAddr {
 pub struct Client {
     sender: http1::SendRequest<Full<Bytes>>,
     addr: SocketAddr,
+    /// Sent as `Authorization: Bearer <key>` with every request that does not carry its own.
+    bearer: Option<String>,
 }
 
 /// A response, with the body parsed as JSON when it is JSON.
@@ -230,7 +294,31 @@ impl Client {
         let stream = TcpStream::connect(addr).await?;
         let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
-        Ok(Client { sender, addr })
+        Ok(Client {
+            sender,
+            addr,
+            bearer: None,
+        })
+    }
+
+    /// Over any stream (a TLS one, say).
+    pub async fn over<S>(stream: S, addr: SocketAddr) -> Result<Client, Box<dyn std::error::Error>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        Ok(Client {
+            sender,
+            addr,
+            bearer: None,
+        })
+    }
+
+    /// This client sends `Authorization: Bearer key` from now on.
+    pub fn with_bearer(mut self, key: &str) -> Client {
+        self.bearer = Some(key.to_owned());
+        self
     }
 
     pub async fn request(&mut self, request: Request<Full<Bytes>>) -> Reply {
@@ -238,7 +326,14 @@ impl Client {
     }
 
     /// Like `request`, but a broken connection is an `Err` rather than a panic (for crash tests).
-    pub async fn try_request(&mut self, request: Request<Full<Bytes>>) -> Result<Reply, hyper::Error> {
+    pub async fn try_request(&mut self, mut request: Request<Full<Bytes>>) -> Result<Reply, hyper::Error> {
+        if let Some(key) = &self.bearer {
+            if !request.headers().contains_key("authorization") {
+                request
+                    .headers_mut()
+                    .insert("authorization", format!("Bearer {key}").parse().unwrap());
+            }
+        }
         self.sender.ready().await?;
         let response = self.sender.send_request(request).await?;
         let (parts, body) = response.into_parts();

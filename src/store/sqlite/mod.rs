@@ -35,6 +35,7 @@
 //! of accounts plus the write-back's lag, which [`crate::engine`] bounds.
 
 pub mod import;
+pub mod keys;
 mod reader;
 mod schema;
 mod verify;
@@ -196,6 +197,8 @@ impl SqliteStore {
         // Only takes effect on a new, empty database; an existing one keeps its page size.
         conn.pragma_update(None, "page_size", PAGE_SIZE_BYTES)?;
         schema::prepare(&mut conn, path, seed)?;
+        // API keys keep to their own table, outside the ledger's versioned schema (see [`keys`]).
+        keys::ensure_table(&conn)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(%mode, "SQLite refused WAL mode; writes will block reads");

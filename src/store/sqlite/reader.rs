@@ -18,7 +18,8 @@ const SELECT_CURRENT: &str = "SELECT balance, last_transaction_id FROM current_a
 const SELECT_TRANSACTION: &str = "SELECT kind, amount, source, source_amount, source_balance_after, \
      source_previous_id, destination, destination_amount, destination_balance_after, destination_previous_id, \
      reference, idempotency_key, created_at_ms FROM transactions WHERE id = ?1";
-const SELECT_KEY_RECORD: &str = "SELECT idempotency_key, transaction_id FROM idempotency_keys WHERE id = ?1";
+const SELECT_KEY_RECORD: &str =
+    "SELECT scope, idempotency_key, transaction_id FROM idempotency_keys WHERE id = ?1";
 
 /// One transaction as stored.
 struct Row {
@@ -221,17 +222,18 @@ impl Reader for SqliteReader {
     fn transaction_by_key(
         &self,
         key: &IdempotencyKey,
-        records: &[i64],
+        records: &[(String, i64)],
     ) -> Result<Option<TransactionView>, StoreError> {
         self.snapshot(|conn| {
             let mut newest: Option<(i64, i64)> = None;
-            for record in records {
-                let found: Option<(String, Option<i64>)> = conn
+            for (scope, record) in records {
+                let found: Option<(String, String, Option<i64>)> = conn
                     .prepare_cached(SELECT_KEY_RECORD)?
-                    .query_row([record], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .query_row([record], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
                     .optional()?;
-                if let Some((name, Some(transaction))) = found {
-                    if name == key.as_str() && newest.is_none_or(|(at, _)| *record > at) {
+                if let Some((stored_scope, name, Some(transaction))) = found {
+                    let same = stored_scope == *scope && name == key.as_str();
+                    if same && newest.is_none_or(|(at, _)| *record > at) {
                         newest = Some((*record, transaction));
                     }
                 }
