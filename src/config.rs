@@ -25,6 +25,22 @@ pub enum Command {
     Import(ImportArgs),
     /// Create, list and revoke API keys (works while `serve` runs on the same database).
     Keys(KeysArgs),
+    /// Move the transactions below an id to an archive file; each account's balance just before
+    /// becomes its opening balance. `serve` must be stopped.
+    Archive(ArchiveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ArchiveArgs {
+    /// The tallyd database to archive from.
+    #[arg(long, env = "TALLYD_DB", default_value = "users.db")]
+    pub db: PathBuf,
+    /// Archive every transaction with an id below this one.
+    #[arg(long)]
+    pub before_id: i64,
+    /// The archive database to create (it must not exist).
+    #[arg(long)]
+    pub to: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -1,6 +1,7 @@
 //! The offline commands: `tallyd verify --db PATH` checks every invariant of a database file and
 //! says what it checked; `tallyd import --from FLASK.db --db NEW.db` makes a tallyd database from
-//! the Flask processor's, then verifies it.
+//! the Flask processor's, then verifies it; `tallyd archive` moves old history to an archive file,
+//! then verifies what is left.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -51,6 +52,24 @@ pub fn run(db: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+pub fn archive(db: &Path, before_id: i64, to: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let started = std::time::Instant::now();
+    let report = sqlite::archive::archive(db, before_id, to)?;
+    println!(
+        "archived {} transactions below id {before_id} from {} into {} in {:.2} s; {} accounts reopened at \
+         their balance before it; {} idempotency records of archived transactions dropped; {} bytes -> {} bytes",
+        report.transactions,
+        db.display(),
+        to.display(),
+        started.elapsed().as_secs_f64(),
+        report.accounts_reopened,
+        report.idempotency_records_dropped,
+        report.bytes_before,
+        report.bytes_after
+    );
+    run(db)
 }
 
 pub fn import(from: &Path, to: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {

@@ -14,6 +14,16 @@ CREATE TABLE ledger_checkpoint (
 INSERT INTO ledger_checkpoint (id, transaction_id)
 SELECT 1, coalesce(max(id), 0) FROM transactions;
 
+-- History moved out by `tallyd archive`: every transaction with an id below archived_before_id went to the
+-- archive file named here, and each account's opening_balance became its balance just before that id; the
+-- first remaining leg of an account may link to an archived transaction. Empty until the first archive.
+CREATE TABLE ledger_archive (
+    archived_before_id INTEGER NOT NULL PRIMARY KEY,
+    archive_file       TEXT    NOT NULL,
+    transactions       INTEGER NOT NULL,
+    archived_at_ms     INTEGER NOT NULL
+) STRICT;
+
 ALTER TABLE idempotency_keys RENAME TO v2_idempotency_keys;
 DROP INDEX idempotency_keys_by_age;
 

@@ -34,6 +34,7 @@
 //! each account there is its state) and then every account row, so its time grows with the number
 //! of accounts plus the write-back's lag, which [`crate::engine`] bounds.
 
+pub mod archive;
 pub mod import;
 pub mod keys;
 mod reader;

@@ -59,6 +59,16 @@ CREATE TABLE ledger_checkpoint (
 
 INSERT INTO ledger_checkpoint (id, transaction_id) VALUES (1, 0);
 
+-- History moved out by `tallyd archive`: every transaction with an id below archived_before_id went to the
+-- archive file named here, and each account's opening_balance became its balance just before that id; the
+-- first remaining leg of an account may link to an archived transaction. Empty until the first archive.
+CREATE TABLE ledger_archive (
+    archived_before_id INTEGER NOT NULL PRIMARY KEY,
+    archive_file       TEXT    NOT NULL,
+    transactions       INTEGER NOT NULL,
+    archived_at_ms     INTEGER NOT NULL
+) STRICT;
+
 -- The answer first given to a request with an Idempotency-Key, written in the same transaction as its
 -- effect, so that a retry gets the same answer and never a second effect. Appended in id order (ids are
 -- assigned by the one writer, and created_at_ms never decreases with them), pruned by age from the start.
