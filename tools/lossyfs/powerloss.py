@@ -51,6 +51,17 @@ def log(message):
     print(message, flush=True)
 
 
+def replayed(log_path):
+    """(transactions, accounts) the start-up logged as replayed after the balance checkpoint."""
+    with open(log_path, errors="replace") as lines:
+        for line in lines:
+            found = re.search(r"replayed the transactions.*transactions=(\d+) accounts=(\d+)",
+                              re.sub(r"\x1b\[[0-9;]*m", "", line))
+            if found:
+                return int(found.group(1)), int(found.group(2))
+    return 0, 0
+
+
 def card_number(n):
     return "4%015d" % n
 
@@ -170,7 +181,8 @@ class Rig:
                 raise RuntimeError("lossyfs did not mount; see lossyfs.log")
             time.sleep(0.01)
 
-    def start_server(self):
+    def spawn_server(self):
+        """Starts tallyd without waiting for it; returns its log's path."""
         log_path = os.path.join(self.args.workdir, "tallyd-%d.log" % self.boots)
         server_log = open(log_path, "w")
         env = dict(os.environ, NO_COLOR="1", RUST_LOG=os.environ.get("RUST_LOG", "info"))
@@ -181,6 +193,12 @@ class Rig:
         )
         self.note_pids()
         self.address = None
+        return log_path
+
+    def start_server(self):
+        """Starts tallyd and waits until it answers /readyz; returns what its start-up replayed
+        (transactions after the balance checkpoint, accounts they moved)."""
+        log_path = self.spawn_server()
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             if self.server.poll() is not None:
@@ -190,7 +208,7 @@ class Rig:
             if self.address is None:
                 self.address_from(log_path)
             if self.address and self.ready():
-                return
+                return replayed(log_path)
             time.sleep(0.1)
 
     def address_from(self, log_path):
@@ -343,12 +361,26 @@ def main():
     # Acknowledged transactions missing at the latest audit; each audit checks every ack so far.
     total_lost = 0
     failures = []
+    # What each boot after a cut replayed: a cut between commits and their write-back shows here.
+    replays = []
     try:
         for cycle in range(1, args.cycles + 1):
             rig.mount(tear_seed=rng.randrange(1 << 32))
+            if cycle > 1 and cycle % 3 == 0:
+                # The power goes out again while tallyd starts: during WAL recovery, the load of
+                # every balance, or the replay of the journal after the balance checkpoint.
+                rig.spawn_server()
+                early = rng.uniform(0.0, 0.3)
+                time.sleep(early)
+                rig.cut(tear=False)
+                log("cycle %d/%d: cut again %.2fs into the start-up" % (cycle, args.cycles, early))
+                rig.mount(tear_seed=rng.randrange(1 << 32))
             # tallyd is the first to open the database after the outage, as in production.
-            rig.start_server()
+            replay = rig.start_server()
             if cycle > 1:
+                log("  boot after cut %d replayed %d transactions onto %d accounts past the balance "
+                    "checkpoint" % (cycle - 1, replay[0], replay[1]))
+                replays.append(replay[0])
                 lost, rows, problems = audit(rig, ledger, args.tallyd)
                 report_audit(cycle - 1, lost, lost - total_lost, rows, problems, failures)
                 total_lost = lost
@@ -388,6 +420,8 @@ def main():
         "unanswered=%d seed=%d" % (args.durability, args.cycles, acked, total_lost,
                                    sum(ledger.refused.values()), sum(ledger.uncertain.values()),
                                    seed))
+    if args.cycles > 1 and not any(replays):
+        failures.append("no boot replayed anything: no cut landed between a commit and its write-back")
     for bad in ledger.bad_answers[:5]:
         failures.append("a 200 that does not match its request: %s" % bad)
     if args.expect_loss and total_lost == 0:
