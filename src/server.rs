@@ -94,7 +94,7 @@ pub async fn run(
     // Certificates are checked before anything starts: a typo in a path fails at once.
     let tls = config.tls_files().map(Tls::load).transpose()?.map(Arc::new);
     // Keys first: a server that would be open to the network refuses before it does anything else.
-    let (keys, _reloader) = auth::reload::start(&config.db)?;
+    let (keys, _reloader) = auth::reload::start(&config.db, store.key_touches())?;
     check_exposure(&config, address, keys.current().required())?;
     let (engine, workers) = {
         let config = config.clone();

@@ -29,7 +29,8 @@ pub struct Reloader {
 }
 
 /// Reads the keys once (so that the server starts with them) and starts the thread.
-pub fn start(path: &Path) -> Result<(Arc<KeyRing>, Reloader), StoreError> {
+/// Use times are handed to `touches`, for the engine's connection to write.
+pub fn start(path: &Path, touches: table::KeyTouches) -> Result<(Arc<KeyRing>, Reloader), StoreError> {
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(limits::KEYS_BUSY_TIMEOUT)?;
     table::ensure_table(&conn)?;
@@ -45,7 +46,7 @@ pub fn start(path: &Path) -> Result<(Arc<KeyRing>, Reloader), StoreError> {
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                 stopped.recv_timeout(limits::KEY_RELOAD_PERIOD)
             {
-                if let Err(error) = reload_once(&mut conn, &shared) {
+                if let Err(error) = reload_once(&mut conn, &shared, &touches) {
                     // The keys in force stay in force; the next period tries again.
                     tracing::warn!(%error, "re-reading the API keys failed");
                 }
@@ -56,7 +57,7 @@ pub fn start(path: &Path) -> Result<(Arc<KeyRing>, Reloader), StoreError> {
 }
 
 /// One period's work: write back use times that are due, then re-read the table.
-fn reload_once(conn: &mut Connection, ring: &KeyRing) -> rusqlite::Result<()> {
+fn reload_once(conn: &mut Connection, ring: &KeyRing, touches: &table::KeyTouches) -> rusqlite::Result<()> {
     let set = ring.current();
     let resolution = i64::try_from(limits::KEY_LAST_USED_RESOLUTION.as_millis()).unwrap_or(i64::MAX);
     let due: Vec<(String, i64)> = set
@@ -69,7 +70,9 @@ fn reload_once(conn: &mut Connection, ring: &KeyRing) -> rusqlite::Result<()> {
         })
         .collect();
     if !due.is_empty() {
-        table::touch(conn, &due)?;
+        if let Ok(mut pending) = touches.lock() {
+            pending.extend(due.iter().cloned());
+        }
         for key in set.keys() {
             if let Some((_, at)) = due.iter().find(|(name, _)| **name == *key.name) {
                 key.stored_last_used_ms.store(*at, Ordering::Relaxed);

@@ -8,10 +8,12 @@
 //! is never given to another key: idempotency keys are scoped by key name, so a new key under an
 //! old name could replay the old key's answers).
 //!
-//! Writes here come from a connection other than the engine's, so each one bumps the engine's
-//! `PRAGMA data_version` and makes it re-read balances once before its next batch (see
-//! [`super::SqliteStore`]). That is why `last_used_at_ms` is written coarsely
-//! ([`crate::config::limits::KEY_LAST_USED_RESOLUTION`]), never per request.
+//! `tallyd keys` writes from another process, which bumps the engine's `PRAGMA data_version` and
+//! makes it re-read every balance once (seconds at ten million accounts), so it happens only when
+//! an operator creates or revokes a key. The server's own writes here (`last_used_at_ms`, coarse:
+//! [`crate::config::limits::KEY_LAST_USED_RESOLUTION`]) go through the engine's connection
+//! instead, queued in [`KeyTouches`] and written inside its next write transaction, so they are
+//! never taken for an outside change.
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -115,6 +117,22 @@ pub fn revoke(conn: &Connection, name: &str, at_unix_ms: i64) -> rusqlite::Resul
 }
 
 /// Records when each key was last used, in one transaction; never moves a time backwards.
+/// Use times waiting to be written by the engine's connection: (key name, Unix ms).
+pub type KeyTouches = std::sync::Arc<std::sync::Mutex<Vec<(String, i64)>>>;
+
+/// Writes the queued use times inside `tx` (the engine's write transaction).
+pub fn apply_touches(tx: &rusqlite::Transaction<'_>, touches: &KeyTouches) -> rusqlite::Result<()> {
+    let pending = match touches.lock() {
+        Ok(mut pending) if !pending.is_empty() => std::mem::take(&mut *pending),
+        _ => return Ok(()),
+    };
+    let mut stmt = tx.prepare_cached(TOUCH_KEY)?;
+    for (name, at) in &pending {
+        stmt.execute(params![name, at])?;
+    }
+    Ok(())
+}
+
 pub fn touch(conn: &mut Connection, used: &[(String, i64)]) -> rusqlite::Result<()> {
     if used.is_empty() {
         return Ok(());

@@ -122,6 +122,8 @@ pub struct SqliteStore {
     conn: Connection,
     /// For the second connection of a start-up's scan.
     path: std::path::PathBuf,
+    /// API key use times to write in our next write transaction ([`keys`]).
+    key_touches: keys::KeyTouches,
     /// `PRAGMA data_version` after our last commit: it changes only when another connection
     /// commits, which is how a write from outside tallyd is noticed.
     data_version: i64,
@@ -217,6 +219,7 @@ impl SqliteStore {
         Ok(Self {
             conn,
             path: path.to_owned(),
+            key_touches: keys::KeyTouches::default(),
             data_version,
             _lock: lock,
             _checkpointer: checkpointer,
@@ -513,7 +516,13 @@ impl SqliteStore {
                 "the database was changed by another writer since the last commit".into(),
             ));
         }
+        keys::apply_touches(&tx, &self.key_touches)?;
         Ok(tx)
+    }
+
+    /// Where the server's API key use times go to be written by this connection.
+    pub fn key_touches(&self) -> keys::KeyTouches {
+        std::sync::Arc::clone(&self.key_touches)
     }
 }
 
