@@ -6,6 +6,15 @@ use tallyd::config::{Cli, Command};
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tallyd::telemetry::init_logging();
+    if !matches!(cli.command, Command::Serve(_)) {
+        // The offline commands print reports that are often piped (`tallyd verify | head`): when
+        // the reader goes away, end quietly as other command-line tools do, instead of panicking
+        // in println!. Only these: a server must survive writing to a closed socket.
+        // SAFETY: setting a signal's disposition to its default, before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Serve(config) => tallyd::serve_until_signal(config),
         Command::Verify(args) => tallyd::verify::run(&args.db),
