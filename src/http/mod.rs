@@ -4,6 +4,7 @@
 
 pub mod decode;
 pub mod error;
+pub mod openapi;
 mod routes;
 
 use std::sync::Arc;

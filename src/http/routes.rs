@@ -15,7 +15,7 @@ use serde_json::json;
 use super::error::{
     bytes_response, json_response, outcome_result, ApiError, ErrorCode, HttpResponse, IDEMPOTENT_REPLAYED,
 };
-use super::{decode, App};
+use super::{decode, openapi, App};
 use crate::analytics::OutcomeLabel;
 use crate::domain::{Command, Kind};
 use crate::engine::Outcome;
@@ -29,9 +29,10 @@ const DASHBOARD_HTML: &str = include_str!("../../assets/dashboard.html");
 const ENTRIES_LIMIT_MAX: i64 = 100;
 const ENTRIES_LIMIT_DEFAULT: u32 = 20;
 
-/// The routes tallyd serves.
+/// The routes tallyd serves. `docs/openapi.json` describes each one; `openapi::tests` fails when
+/// the two disagree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route {
+pub(super) enum Route {
     Transaction,
     Transfers,
     Accounts,
@@ -45,10 +46,11 @@ enum Route {
     Healthz,
     Readyz,
     Dashboard,
+    OpenApi,
 }
 
 impl Route {
-    const ALL: [Route; 13] = [
+    pub(super) const ALL: [Route; 14] = [
         Route::Transaction,
         Route::Transfers,
         Route::Accounts,
@@ -62,10 +64,11 @@ impl Route {
         Route::Healthz,
         Route::Readyz,
         Route::Dashboard,
+        Route::OpenApi,
     ];
 
     /// The route's pattern: how `matchit` matches it and how `tallyd_http_requests_total` labels it.
-    fn pattern(self) -> &'static str {
+    pub(super) fn pattern(self) -> &'static str {
         match self {
             Route::Transaction => "/transaction",
             Route::Transfers => "/transfers",
@@ -80,6 +83,7 @@ impl Route {
             Route::Healthz => "/healthz",
             Route::Readyz => "/readyz",
             Route::Dashboard => "/",
+            Route::OpenApi => "/openapi.json",
         }
     }
 
@@ -91,7 +95,7 @@ impl Route {
             .map_or("other", Route::pattern)
     }
 
-    fn is_post(self) -> bool {
+    pub(super) fn is_post(self) -> bool {
         matches!(self, Route::Transaction | Route::Transfers | Route::Accounts)
     }
 
@@ -177,6 +181,7 @@ where
         Some(Route::Healthz) => healthz(),
         Some(Route::Readyz) => readyz(&app),
         Some(Route::Dashboard) => dashboard(),
+        Some(Route::OpenApi) => openapi::document(),
     };
     telemetry::record_http(route.map_or("other", Route::pattern), response.status().as_u16());
     Ok(response)
