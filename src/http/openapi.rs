@@ -9,6 +9,13 @@
 //! `OutcomeLabel::ALL`, every `Kind`), and `tests/openapi.rs`, which checks every answer of a live
 //! server against the document's schemas; `scripts/ci-schemathesis.sh` then fuzzes the live server
 //! from the document.
+//!
+//! Adding a route (holds, API keys) therefore means, in one commit: its `Route` variant; its path in
+//! the document with every status it can answer, each error body a `$ref` to that status's error
+//! schema (`x-tallyd-status`); any new code in `ErrorCode::ALL` and in its status's schema; a new
+//! header (`Authorization`) as a parameter or a `securitySchemes` entry; links from the operation
+//! that creates a resource to those that use it, for schemathesis's stateful phase; and requests in
+//! `tests/openapi.rs` that provoke each new status. The tests say which of these is missing.
 
 use bytes::Bytes;
 use http_body_util::Full;
