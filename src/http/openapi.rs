@@ -273,6 +273,52 @@ mod tests {
         }
     }
 
+    /// Links drive schemathesis's stateful phase; one that names a missing operation or parameter is
+    /// skipped there, and one whose body lacks a required field makes a request the server must
+    /// refuse (a body from a link is sent as written by some runners, not merged with generated data).
+    #[test]
+    fn every_link_targets_a_documented_operation_with_complete_inputs() {
+        let doc = document();
+        let mut by_id = BTreeMap::new();
+        for (method, path) in operations(&doc) {
+            let operation = &doc["paths"][&path][&method];
+            by_id.insert(
+                operation["operationId"].as_str().unwrap().to_owned(),
+                operation.clone(),
+            );
+        }
+        let mut links = 0;
+        for (method, path) in operations(&doc) {
+            let responses = doc["paths"][&path][&method]["responses"].as_object().unwrap();
+            for (status, response) in responses {
+                for (name, link) in response["links"].as_object().into_iter().flatten() {
+                    let at = format!("{method} {path} {status} link {name}");
+                    let target = &by_id[link["operationId"].as_str().expect("an operationId")];
+                    let parameters: BTreeSet<String> = target["parameters"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|p| {
+                            let p = resolve(&doc, p);
+                            format!("{}.{}", p["in"].as_str().unwrap(), p["name"].as_str().unwrap())
+                        })
+                        .collect();
+                    for parameter in link["parameters"].as_object().into_iter().flatten().map(|p| p.0) {
+                        assert!(parameters.contains(parameter), "{at}: no parameter {parameter}");
+                    }
+                    if let Some(body) = link.get("requestBody") {
+                        let schema = &target["requestBody"]["content"]["application/json"]["schema"];
+                        for field in names(&resolve(&doc, schema)["required"]) {
+                            assert!(body.get(&field).is_some(), "{at}: the body lacks {field}");
+                        }
+                    }
+                    links += 1;
+                }
+            }
+        }
+        assert!(links >= 10, "only {links} links");
+    }
+
     #[test]
     fn kinds_and_outcome_labels_are_documented() {
         let doc = document();
