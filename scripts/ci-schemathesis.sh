@@ -13,7 +13,8 @@
 #      boundaries and of every kind of invalid input; fuzzing, positive and negative; stateful sequences
 #      that follow the document's links, e.g. POST /accounts -> POST /transaction -> GET /transactions/{id}),
 #      with every check: no 5xx, every status, content type, header and body as documented, invalid data
-#      refused, valid data accepted (see scripts/schemathesis/ for the three rules JSON Schema cannot say).
+#      refused, valid data accepted (see scripts/schemathesis/ for the three rules JSON Schema cannot say);
+#      then `st fuzz` chains calls across operations for ST_FUZZ_SECONDS with the same checks.
 #   5. tallyd drains and exits 0 on SIGTERM, and `tallyd verify` finds every ledger invariant intact after
 #      the fuzzing.
 # It installs what it needs (python3-venv from Debian if missing; a venv in a temporary directory with the
@@ -23,6 +24,7 @@
 # Environment:
 #   TALLYD_BIN         the tallyd binary (default: cargo build --release --locked, then target/release/tallyd)
 #   ST_MAX_EXAMPLES    schemathesis test cases per operation and phase (default 1000)
+#   ST_FUZZ_SECONDS    how long `st fuzz` chains calls after the run (default 60)
 #   ST_SEED            schemathesis's seed (default fixed, so that a CI failure replays; any integer)
 #   ST_VENV            reuse this venv instead of creating one (it must have both tools)
 #   ST_KEEP_TMP        set to 1 to keep the temporary directory (logs, client, reports)
@@ -36,7 +38,8 @@ readonly SCHEMATHESIS_VERSION="4.32.5"
 readonly CLIENT_GENERATOR_VERSION="0.29.1"
 readonly MAX_EXAMPLES="${ST_MAX_EXAMPLES:-1000}"
 readonly SEED="${ST_SEED:-20261201}"
-readonly SCHEMATHESIS_TIMEOUT_S=420   # a hard stop well past the ~3 minutes the run takes on 2 cores
+readonly FUZZ_SECONDS="${ST_FUZZ_SECONDS:-60}"
+readonly SCHEMATHESIS_TIMEOUT_S=420   # a hard stop for each command, well past the ~90 s `st run` takes on 2 cores
 readonly INSTALL_TIMEOUT_S=900
 
 # shellcheck source=scripts/lib/server.sh
@@ -133,26 +136,36 @@ readme_examples_through_the_client() {
         "$ROOT/README.md" "$ROOT/docs/openapi.json" "http://$SERVER_ADDR"
 }
 
-run_schemathesis() {
-    local started=$SECONDS rc=0
-    # From the temporary directory, with no example database, so that no earlier run changes this one.
-    # One worker: with two threads, Hypothesis's concurrent ast.parse trips CPython 3.11's "AST constructor
-    # recursion depth mismatch" SystemError (python/cpython#106905) and schemathesis reports a runtime error.
+# st COMMAND LOG ARGS...: runs schemathesis's COMMAND (run, fuzz) on the served document with every check and
+# tallyd's configuration and hooks, from the temporary directory and with no example database, so that no earlier
+# run changes this one. One worker: with two threads, Hypothesis's concurrent ast.parse trips CPython 3.11's
+# "AST constructor recursion depth mismatch" SystemError (python/cpython#106905), a runtime error of the tool.
+st() {
+    local command="$1" log="$2" started=$SECONDS rc=0
+    shift 2
     (cd "$TMP" && SCHEMATHESIS_HOOKS="$HERE/hooks.py" timeout "$SCHEMATHESIS_TIMEOUT_S" "$VENV/bin/st" \
         --config-file "$HERE/schemathesis.toml" --no-color \
-        run "http://$SERVER_ADDR/openapi.json" \
-        --phases examples,coverage,fuzzing,stateful --mode all --checks all \
-        --max-examples "$MAX_EXAMPLES" --seed "$SEED" --workers 1 \
-        --request-timeout 30 --generation-database none \
-        --report junit --report-dir "$TMP/report") >"$TMP/schemathesis.log" 2>&1 || rc=$?
-    # The whole report when it failed; the phases and summary when it passed.
+        "$command" "http://$SERVER_ADDR/openapi.json" --checks all --mode all --seed "$SEED" --workers 1 \
+        --request-timeout 30 --generation-database none --report junit --report-dir "$TMP/report-$command" \
+        "$@") >"$log" 2>&1 || rc=$?
+    # The whole report when it failed; the summary when it passed.
     if (( rc != 0 )); then
-        cat "$TMP/schemathesis.log"
+        cat "$log"
     else
-        sed -n '/Examples (in/,$p' "$TMP/schemathesis.log"
+        sed -n '/SUMMARY/,$p' "$log"
     fi
-    echo "schemathesis: $(grep -Eo '[0-9]+ generated.*' "$TMP/schemathesis.log" | tail -n 1) in $(( SECONDS - started )) s (seed $SEED)"
+    echo "schemathesis $command: $(grep -Eo '[0-9]+ generated.*' "$log" | tail -n 1) in $(( SECONDS - started )) s (seed $SEED)"
     return "$rc"
+}
+
+# Every operation through the four phases, a bounded number of cases each.
+run_schemathesis() {
+    st run "$TMP/schemathesis-run.log" --phases examples,coverage,fuzzing,stateful --max-examples "$MAX_EXAMPLES"
+}
+
+# Then chains of calls across operations (along the links, and what it learns from answers) for a fixed time.
+fuzz_schemathesis() {
+    st fuzz "$TMP/schemathesis-fuzz.log" --max-time "$FUZZ_SECONDS"
 }
 
 # After stop_server, which must run in this shell (the server is its child, not a check's subshell's).
@@ -177,7 +190,8 @@ main() {
             check "the generated client runs every README curl example and gets its answer" \
                 readme_examples_through_the_client
         fi
-        check "schemathesis: every operation, every phase and check, no failure" run_schemathesis
+        check "schemathesis run: every operation, every phase and check, no failure" run_schemathesis
+        check "schemathesis fuzz: ${FUZZ_SECONDS} s of multi-step sequences, no failure" fuzz_schemathesis
         stop_server
         check "tallyd drains and exits 0 on SIGTERM after the fuzzing" stopped_cleanly
         check "tallyd verify: every ledger invariant holds after the fuzzing" ledger_verifies
