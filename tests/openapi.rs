@@ -11,12 +11,16 @@
 //! `src/http/openapi.rs`'s unit tests, which read the code's own tables.
 
 mod common;
+#[path = "common/raw.rs"]
+mod raw;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Method, Request};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{HeaderMap, Method, Request, StatusCode};
 use serde_json::{json, Value};
 
 use common::{Client, Reply, Server, DEMO_CARD};
@@ -24,10 +28,11 @@ use common::{Client, Reply, Server, DEMO_CARD};
 const DOCUMENT: &str = include_str!("../docs/openapi.json");
 /// Small, so that a 413 costs little to provoke.
 const BODY_LIMIT: usize = 4096;
+/// Short, so that a 408 costs little to provoke; long enough for a whole body on a busy machine.
+const REQUEST_TIMEOUT_MS: u64 = 1000;
 
 /// Documented statuses that need a condition this file does not make, and where they are made.
 const NOT_PROVOKED_HERE: &[(&str, &str)] = &[
-    ("408", "a body slower than --request-timeout-ms: tests/hostile.rs"),
     ("500", "a worker that stopped: a bug, never provoked"),
     (
         "503",
@@ -131,6 +136,33 @@ impl Checker {
         self.seen.insert((method, template, status));
     }
 
+    /// `POST path` whose body never arrives: the server answers 408 once --request-timeout-ms passes.
+    fn post_stalled(&mut self, addr: std::net::SocketAddr, path: &str) {
+        let mut conn = raw::RawConn::connect(addr);
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: tallyd\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{"
+        );
+        assert!(conn.send(head.as_bytes()), "sending the head of {path}");
+        let raw::Answer::Response(response) = conn.read_answer(Duration::from_secs(15)) else {
+            panic!("POST {path} with a stalled body got no answer");
+        };
+        let mut headers = HeaderMap::new();
+        for (name, value) in &response.headers {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        let reply = Reply {
+            status: StatusCode::from_u16(response.status).unwrap(),
+            headers,
+            text: response.text(),
+            body: Bytes::from(response.body),
+        };
+        assert_eq!(reply.status, 408, "POST {path}: {}", reply.text);
+        self.check(&Method::POST, path, &reply);
+    }
+
     async fn get(&mut self, client: &mut Client, path: &str) -> Reply {
         let reply = client.get(path).await;
         self.check(&Method::GET, path, &reply);
@@ -171,7 +203,12 @@ fn body_examples(doc: &Value, path: &str) -> Vec<(String, Value)> {
 
 #[tokio::test]
 async fn every_answer_of_every_operation_matches_the_document() {
-    let server = Server::start(&["--body-limit-bytes", &BODY_LIMIT.to_string()]);
+    let server = Server::start(&[
+        "--body-limit-bytes",
+        &BODY_LIMIT.to_string(),
+        "--request-timeout-ms",
+        &REQUEST_TIMEOUT_MS.to_string(),
+    ]);
     let mut client = server.client().await;
     let mut check = Checker::new();
     let doc = check.doc.clone();
@@ -309,6 +346,9 @@ async fn every_answer_of_every_operation_matches_the_document() {
         "/",
     ] {
         check.get(&mut client, path).await;
+    }
+    for path in ["/transaction", "/transfers", "/accounts"] {
+        check.post_stalled(server.addr, path);
     }
     let legs = check.get(&mut client, "/transactions/1").await.json()["legs"].clone();
     assert_eq!(
