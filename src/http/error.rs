@@ -65,6 +65,40 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in declaration order: what `docs/openapi.json` must list (its test compares).
+    pub const ALL: [ErrorCode; 30] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidBody,
+        ErrorCode::MissingField,
+        ErrorCode::UnknownField,
+        ErrorCode::DuplicateField,
+        ErrorCode::InvalidCardNumber,
+        ErrorCode::InvalidAmount,
+        ErrorCode::InvalidReference,
+        ErrorCode::SameAccount,
+        ErrorCode::InvalidIdempotencyKey,
+        ErrorCode::InvalidParameter,
+        ErrorCode::CardNotFound,
+        ErrorCode::TransactionNotFound,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::RequestTimeout,
+        ErrorCode::AccountExists,
+        ErrorCode::BodyTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::InsufficientFunds,
+        ErrorCode::BalanceLimitExceeded,
+        ErrorCode::IdempotencyKeyReused,
+        ErrorCode::Internal,
+        ErrorCode::QueueFull,
+        ErrorCode::StorageUnavailable,
+        ErrorCode::ShuttingDown,
+        ErrorCode::NotReady,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::RateLimited,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidJson => "invalid_json",
@@ -453,4 +487,59 @@ pub fn bytes_response(status: StatusCode, body: Vec<u8>) -> HttpResponse {
 
 pub fn json_response(status: StatusCode, body: &impl Serialize) -> HttpResponse {
     bytes_response(status, to_json(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ErrorCode;
+
+    /// A code's place in [`ErrorCode::ALL`]. The match is exhaustive, so a new code does not
+    /// compile until it has a place here, and the test below fails until `ALL` has it there.
+    fn position(code: ErrorCode) -> usize {
+        match code {
+            ErrorCode::InvalidJson => 0,
+            ErrorCode::InvalidBody => 1,
+            ErrorCode::MissingField => 2,
+            ErrorCode::UnknownField => 3,
+            ErrorCode::DuplicateField => 4,
+            ErrorCode::InvalidCardNumber => 5,
+            ErrorCode::InvalidAmount => 6,
+            ErrorCode::InvalidReference => 7,
+            ErrorCode::SameAccount => 8,
+            ErrorCode::InvalidIdempotencyKey => 9,
+            ErrorCode::InvalidParameter => 10,
+            ErrorCode::CardNotFound => 11,
+            ErrorCode::TransactionNotFound => 12,
+            ErrorCode::NotFound => 13,
+            ErrorCode::MethodNotAllowed => 14,
+            ErrorCode::RequestTimeout => 15,
+            ErrorCode::AccountExists => 16,
+            ErrorCode::BodyTooLarge => 17,
+            ErrorCode::UnsupportedMediaType => 18,
+            ErrorCode::InsufficientFunds => 19,
+            ErrorCode::BalanceLimitExceeded => 20,
+            ErrorCode::IdempotencyKeyReused => 21,
+            ErrorCode::Internal => 22,
+            ErrorCode::QueueFull => 23,
+            ErrorCode::StorageUnavailable => 24,
+            ErrorCode::ShuttingDown => 25,
+            ErrorCode::NotReady => 26,
+            ErrorCode::Unauthorized => 27,
+            ErrorCode::Forbidden => 28,
+            ErrorCode::RateLimited => 29,
+        }
+    }
+
+    #[test]
+    fn all_lists_every_code_once() {
+        for (index, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(
+                position(*code),
+                index,
+                "{code:?} is out of place in ErrorCode::ALL"
+            );
+        }
+        let names: std::collections::BTreeSet<_> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(names.len(), ErrorCode::ALL.len(), "two codes share a name");
+    }
 }

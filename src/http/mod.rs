@@ -5,6 +5,7 @@
 mod auth;
 pub mod decode;
 pub mod error;
+pub mod openapi;
 mod routes;
 
 use std::sync::Arc;

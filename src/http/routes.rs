@@ -16,7 +16,7 @@ use super::auth::{admit, Identity, Peer};
 use super::error::{
     bytes_response, json_response, outcome_result, ApiError, ErrorCode, HttpResponse, IDEMPOTENT_REPLAYED,
 };
-use super::{decode, App};
+use super::{decode, openapi, App};
 use crate::analytics::OutcomeLabel;
 use crate::auth::keys::Scope;
 use crate::auth::{Caller, IdempotencyScopes};
@@ -32,9 +32,10 @@ const DASHBOARD_HTML: &str = include_str!("../../assets/dashboard.html");
 const ENTRIES_LIMIT_MAX: i64 = 100;
 const ENTRIES_LIMIT_DEFAULT: u32 = 20;
 
-/// The routes tallyd serves.
+/// The routes tallyd serves. `docs/openapi.json` describes each one; `openapi::tests` fails when
+/// the two disagree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route {
+pub(super) enum Route {
     Transaction,
     Transfers,
     Accounts,
@@ -48,10 +49,11 @@ enum Route {
     Healthz,
     Readyz,
     Dashboard,
+    OpenApi,
 }
 
 impl Route {
-    const ALL: [Route; 13] = [
+    pub(super) const ALL: [Route; 14] = [
         Route::Transaction,
         Route::Transfers,
         Route::Accounts,
@@ -65,10 +67,11 @@ impl Route {
         Route::Healthz,
         Route::Readyz,
         Route::Dashboard,
+        Route::OpenApi,
     ];
 
     /// The route's pattern: how `matchit` matches it and how `tallyd_http_requests_total` labels it.
-    fn pattern(self) -> &'static str {
+    pub(super) fn pattern(self) -> &'static str {
         match self {
             Route::Transaction => "/transaction",
             Route::Transfers => "/transfers",
@@ -83,6 +86,7 @@ impl Route {
             Route::Healthz => "/healthz",
             Route::Readyz => "/readyz",
             Route::Dashboard => "/",
+            Route::OpenApi => "/openapi.json",
         }
     }
 
@@ -94,7 +98,7 @@ impl Route {
             .map_or("other", Route::pattern)
     }
 
-    fn is_post(self) -> bool {
+    pub(super) fn is_post(self) -> bool {
         matches!(self, Route::Transaction | Route::Transfers | Route::Accounts)
     }
 
@@ -108,11 +112,12 @@ impl Route {
     }
 
     /// The scope a caller needs, or `None` for a route anyone may call. `/healthz` and `/readyz`
-    /// are for probes, which carry no key; the observability routes are public only when the
-    /// operator says so (`--metrics-public`), since they show volumes and balances.
+    /// are for probes, which carry no key; `/openapi.json` describes the API and holds no data,
+    /// and a client needs it before it has a key; the observability routes are public only when
+    /// the operator says so (`--metrics-public`), since they show volumes and balances.
     fn needed_scope(self, metrics_public: bool) -> Option<Scope> {
         match self {
-            Route::Healthz | Route::Readyz => None,
+            Route::Healthz | Route::Readyz | Route::OpenApi => None,
             Route::Metrics | Route::Stats | Route::Dashboard if metrics_public => None,
             Route::Transaction | Route::Transfers | Route::Accounts => Some(Scope::Write),
             Route::Metrics
@@ -226,6 +231,7 @@ where
         Some(Route::Healthz) => healthz(),
         Some(Route::Readyz) => readyz(&app),
         Some(Route::Dashboard) => dashboard(),
+        Some(Route::OpenApi) => openapi::document(),
     };
     record(route, identity.as_ref(), response.status().as_u16());
     Ok(response)

@@ -1,0 +1,555 @@
+//! `docs/openapi.json` against the real server: the bug this guards against is a document that
+//! drifts from what tallyd answers. Every operation is called with its examples and with the
+//! requests that provoke each of its documented statuses; every answer must have a documented
+//! status, content type and headers, and its body must validate against the documented schema
+//! (with `additionalProperties: false` on every object, so that a field added to or dropped from a
+//! response fails here). Every documented status must be provoked here, or be listed in
+//! [`NOT_PROVOKED_HERE`] with the suite that provokes it. Every documented query parameter and
+//! header must be read by its route, and every example in the document must fit its own schema.
+//!
+//! The structural half (routes, error codes and their statuses, request fields) is in
+//! `src/http/openapi.rs`'s unit tests, which read the code's own tables.
+
+mod common;
+#[path = "common/raw.rs"]
+mod raw;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{HeaderMap, Method, Request, StatusCode};
+use serde_json::{json, Value};
+
+use common::{Client, Reply, Server, DEMO_CARD};
+
+const DOCUMENT: &str = include_str!("../docs/openapi.json");
+/// Small, so that a 413 costs little to provoke.
+const BODY_LIMIT: usize = 4096;
+/// Short, so that a 408 costs little to provoke; long enough for a whole body on a busy machine.
+const REQUEST_TIMEOUT_MS: u64 = 1000;
+
+/// Documented statuses that need a condition this file does not make, and where they are made.
+const NOT_PROVOKED_HERE: &[(&str, &str)] = &[
+    ("500", "a worker that stopped: a bug, never provoked"),
+    (
+        "503",
+        "a full queue (tests/overload.rs), a full disk (tests/disk.rs), a failed commit",
+    ),
+];
+
+/// Headers tallyd adds to some answers that the document must describe where they appear.
+const API_HEADERS: &[&str] = &["idempotent-replayed", "retry-after", "www-authenticate"];
+
+fn document() -> Value {
+    serde_json::from_str(DOCUMENT).expect("docs/openapi.json is JSON")
+}
+
+/// Follows a local `$ref` until a value that is not one.
+fn resolve<'a>(doc: &'a Value, value: &'a Value) -> &'a Value {
+    match value.get("$ref").and_then(Value::as_str) {
+        Some(reference) => resolve(doc, doc.pointer(&reference[1..]).expect("the $ref exists")),
+        None => value,
+    }
+}
+
+/// Validates `instance` against `schema`, which may `$ref` the document's components.
+fn schema_errors(doc: &Value, schema: &Value, instance: &Value) -> Vec<String> {
+    let mut root = schema.clone();
+    root.as_object_mut()
+        .expect("a schema object")
+        .insert("components".into(), doc["components"].clone());
+    let validator = jsonschema::draft202012::new(&root).expect("a valid JSON Schema");
+    validator
+        .iter_errors(instance)
+        .map(|error| format!("{} at {}", error, error.instance_path()))
+        .collect()
+}
+
+/// What one run has seen: (METHOD, template, status) of every answer checked.
+struct Checker {
+    doc: Value,
+    seen: BTreeSet<(String, String, String)>,
+}
+
+impl Checker {
+    fn new() -> Self {
+        Checker {
+            doc: document(),
+            seen: BTreeSet::new(),
+        }
+    }
+
+    /// The documented path template that `path` (without its query) falls under.
+    fn template(&self, path: &str) -> String {
+        let path = path.split('?').next().unwrap();
+        let segments: Vec<&str> = path.split('/').collect();
+        self.doc["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .find(|template| {
+                let parts: Vec<&str> = template.split('/').collect();
+                parts.len() == segments.len()
+                    && parts.iter().zip(&segments).all(|(part, segment)| {
+                        part == segment || (part.starts_with('{') && !segment.is_empty())
+                    })
+            })
+            .unwrap_or_else(|| panic!("{path} is under no documented path"))
+            .clone()
+    }
+
+    /// Checks one answer against the document and records it.
+    fn check(&mut self, method: &Method, path: &str, reply: &Reply) {
+        let template = self.template(path);
+        let method = method.as_str().to_ascii_lowercase();
+        let status = reply.status.as_str().to_owned();
+        let what = format!("{} {path} -> {status} {}", method.to_uppercase(), reply.text);
+        let operation = &self.doc["paths"][&template][&method];
+        assert!(operation.is_object(), "{what}: the operation is not documented");
+        let response = resolve(&self.doc, &operation["responses"][&status]);
+        assert!(response.is_object(), "{what}: the status is not documented");
+        let content_type = reply.header("content-type").expect("a content-type");
+        let media = content_type.split(';').next().unwrap().trim();
+        let body = &response["content"][media];
+        assert!(
+            body.is_object(),
+            "{what}: content-type {content_type} is not documented"
+        );
+        if media == "application/json" {
+            let errors = schema_errors(&self.doc, &body["schema"], &reply.json());
+            assert!(errors.is_empty(), "{what}: does not fit its schema: {errors:#?}");
+        }
+        for header in API_HEADERS {
+            if reply.header(header).is_some() {
+                let documented = response["headers"]
+                    .as_object()
+                    .is_some_and(|headers| headers.keys().any(|h| h.eq_ignore_ascii_case(header)));
+                assert!(
+                    documented,
+                    "{what}: sends {header}, which its response does not document"
+                );
+            }
+        }
+        self.seen.insert((method, template, status));
+    }
+
+    /// `POST path` whose body never arrives: the server answers 408 once --request-timeout-ms passes.
+    fn post_stalled(&mut self, addr: std::net::SocketAddr, path: &str) {
+        let mut conn = raw::RawConn::connect(addr);
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: tallyd\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{"
+        );
+        assert!(conn.send(head.as_bytes()), "sending the head of {path}");
+        let raw::Answer::Response(response) = conn.read_answer(Duration::from_secs(15)) else {
+            panic!("POST {path} with a stalled body got no answer");
+        };
+        let mut headers = HeaderMap::new();
+        for (name, value) in &response.headers {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        let reply = Reply {
+            status: StatusCode::from_u16(response.status).unwrap(),
+            headers,
+            text: response.text(),
+            body: Bytes::from(response.body),
+        };
+        assert_eq!(reply.status, 408, "POST {path}: {}", reply.text);
+        self.check(&Method::POST, path, &reply);
+    }
+
+    async fn get(&mut self, client: &mut Client, path: &str) -> Reply {
+        let reply = client.get(path).await;
+        self.check(&Method::GET, path, &reply);
+        reply
+    }
+
+    async fn post(&mut self, client: &mut Client, path: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
+        let reply = client.post_with(path, body, headers).await;
+        self.check(&Method::POST, path, &reply);
+        reply
+    }
+
+    /// Every documented (METHOD, template, status) this run has not seen.
+    fn unseen(&self) -> BTreeSet<(String, String, String)> {
+        let mut unseen = BTreeSet::new();
+        for (template, item) in self.doc["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                for status in operation["responses"].as_object().unwrap().keys() {
+                    let key = (method.clone(), template.clone(), status.clone());
+                    if !self.seen.contains(&key) {
+                        unseen.insert(key);
+                    }
+                }
+            }
+        }
+        unseen
+    }
+}
+
+fn body_examples(doc: &Value, path: &str) -> Vec<(String, Value)> {
+    doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["examples"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, example)| (name.clone(), example["value"].clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_answer_of_every_operation_matches_the_document() {
+    let server = Server::start(&[
+        "--body-limit-bytes",
+        &BODY_LIMIT.to_string(),
+        "--request-timeout-ms",
+        &REQUEST_TIMEOUT_MS.to_string(),
+    ]);
+    let mut client = server.client().await;
+    let mut check = Checker::new();
+    let doc = check.doc.clone();
+    let too_large = format!(
+        r#"{{"card_number":"{DEMO_CARD}","amount":1{}}}"#,
+        " ".repeat(BODY_LIMIT)
+    );
+    let form = [("content-type", "application/x-www-form-urlencoded")];
+
+    // The document describes itself, byte for byte.
+    let served = check.get(&mut client, "/openapi.json").await;
+    assert_eq!(
+        served.text, DOCUMENT,
+        "GET /openapi.json is not docs/openapi.json"
+    );
+
+    // POST /transaction: its examples, then each refusal.
+    for (name, body) in body_examples(&doc, "/transaction") {
+        let reply = check
+            .post(&mut client, "/transaction", &body.to_string(), &[])
+            .await;
+        assert!(
+            matches!(reply.status.as_u16(), 200 | 422),
+            "example {name}: {}",
+            reply.text
+        );
+    }
+    let deposit = |card: &str, amount: i64| format!(r#"{{"card_number":"{card}","amount":{amount}}}"#);
+    check
+        .post(&mut client, "/transaction", &deposit("4000000000999999", 5), &[])
+        .await;
+    check.post(&mut client, "/transaction", "{}", &[]).await;
+    check.post(&mut client, "/transaction", &too_large, &[]).await;
+    check
+        .post(&mut client, "/transaction", &deposit(DEMO_CARD, 5), &form)
+        .await;
+    let keyed = [("idempotency-key", "deposit-7")];
+    let first = check
+        .post(&mut client, "/transaction", &deposit(DEMO_CARD, 7), &keyed)
+        .await;
+    let again = check
+        .post(&mut client, "/transaction", &deposit(DEMO_CARD, 7), &keyed)
+        .await;
+    assert!(again.replayed() && again.body == first.body, "{}", again.text);
+    let reused = check
+        .post(&mut client, "/transaction", &deposit(DEMO_CARD, 8), &keyed)
+        .await;
+    assert_eq!(reused.error_code(), "idempotency_key_reused");
+
+    // POST /accounts.
+    let card = r#"{"card_number":"4111111111111111"}"#;
+    let opened = check
+        .post(&mut client, "/accounts", card, &[("idempotency-key", "open-1")])
+        .await;
+    assert_eq!(opened.status, 201, "{}", opened.text);
+    let replayed = check
+        .post(&mut client, "/accounts", card, &[("idempotency-key", "open-1")])
+        .await;
+    assert!(replayed.replayed() && replayed.status == 201);
+    check.post(&mut client, "/accounts", card, &[]).await;
+    let other = r#"{"card_number":"4111111111111112"}"#;
+    check
+        .post(&mut client, "/accounts", other, &[("idempotency-key", "open-1")])
+        .await;
+    check.post(&mut client, "/accounts", r#"{"card":"1"}"#, &[]).await;
+    check.post(&mut client, "/accounts", &too_large, &[]).await;
+    check.post(&mut client, "/accounts", card, &form).await;
+
+    // POST /transfers: the examples, a replay (the key the README uses), each refusal.
+    for (name, body) in body_examples(&doc, "/transfers") {
+        let reply = check
+            .post(&mut client, "/transfers", &body.to_string(), &[])
+            .await;
+        assert_eq!(reply.status, 200, "example {name}: {}", reply.text);
+    }
+    let order =
+        r#"{"source":"1234567890","destination":"4111111111111111","amount":2500,"reference":"order 1001"}"#;
+    let key = [("idempotency-key", "order-1001")];
+    check.post(&mut client, "/transfers", order, &key).await;
+    assert!(check
+        .post(&mut client, "/transfers", order, &key)
+        .await
+        .replayed());
+    let transfer = |source: &str, destination: &str, amount: i64| {
+        format!(r#"{{"source":"{source}","destination":"{destination}","amount":{amount}}}"#)
+    };
+    let missing = check
+        .post(
+            &mut client,
+            "/transfers",
+            &transfer(DEMO_CARD, "4000000000999999", 1),
+            &[],
+        )
+        .await;
+    assert_eq!(missing.json()["error"]["card_number"], "4000000000999999");
+    let poor = transfer("4111111111111111", DEMO_CARD, 1_000_000_000);
+    check.post(&mut client, "/transfers", &poor, &[]).await;
+    check
+        .post(&mut client, "/transfers", &transfer(DEMO_CARD, DEMO_CARD, 1), &[])
+        .await;
+    check.post(&mut client, "/transfers", &too_large, &[]).await;
+    check
+        .post(
+            &mut client,
+            "/transfers",
+            &transfer(DEMO_CARD, "4111111111111111", 1),
+            &form,
+        )
+        .await;
+
+    // Every GET, found and not found and refused.
+    for path in [
+        "/accounts/1234567890",
+        "/accounts/4111111111111111",
+        "/accounts/12ab",
+        "/accounts/4000000000999999",
+        "/accounts/1234567890/entries?limit=2",
+        "/accounts/1234567890/entries?limit=2&starting_after=2",
+        "/accounts/1234567890/entries?limit=0",
+        "/accounts/4000000000999999/entries",
+        "/transactions?idempotency_key=order-1001",
+        "/transactions",
+        "/transactions?idempotency_key=order-9",
+        "/transactions/1",
+        "/transactions/x",
+        "/transactions/999999",
+        "/balance?card_number=1234567890",
+        "/balance?card_number=1234567890&at=1",
+        "/balance",
+        "/balance?card_number=4000000000999999",
+        "/metrics",
+        "/stats",
+        "/healthz",
+        "/readyz",
+        "/",
+    ] {
+        check.get(&mut client, path).await;
+    }
+    for path in ["/transaction", "/transfers", "/accounts"] {
+        check.post_stalled(server.addr, path);
+    }
+    let legs = check.get(&mut client, "/transactions/1").await.json()["legs"].clone();
+    assert_eq!(
+        legs[0]["card_number"], "@world",
+        "a deposit comes from @world: {legs}"
+    );
+
+    // With API keys and a rate limit: 401 without a key on every operation that needs one, 403
+    // for a read key on each POST, 429 on every operation once the key is over its limit.
+    let keyed_dir = tempfile::tempdir().unwrap();
+    let keyed_db = keyed_dir.path().join("users.db");
+    let read_key = common::create_key(&keyed_db, "reader", "read", &[]);
+    let keyed = Server::start_on(
+        &keyed_db,
+        &["--rate-limit-per-s", "1", "--rate-limit-burst", "40"],
+    );
+    let transfer = common::transfer_body(DEMO_CARD, "4000000000000001", 1);
+    let posts = [
+        ("/transaction", deposit(DEMO_CARD, 1)),
+        ("/transfers", transfer),
+        ("/accounts", r#"{"card_number":"5555444433332222"}"#.to_owned()),
+    ];
+    let gets = [
+        format!("/accounts/{DEMO_CARD}"),
+        format!("/accounts/{DEMO_CARD}/entries"),
+        "/transactions?idempotency_key=k".to_owned(),
+        "/transactions/1".to_owned(),
+        format!("/balance?card_number={DEMO_CARD}"),
+        "/metrics".to_owned(),
+        "/stats".to_owned(),
+        "/".to_owned(),
+    ];
+    let mut anonymous = keyed.client().await;
+    for (path, body) in &posts {
+        let reply = check.post(&mut anonymous, path, body, &[]).await;
+        assert_eq!(reply.status, 401, "POST {path}: {}", reply.text);
+    }
+    for path in &gets {
+        let reply = check.get(&mut anonymous, path).await;
+        assert_eq!(reply.status, 401, "GET {path}: {}", reply.text);
+    }
+    let mut reader = keyed.client().await.with_bearer(&read_key);
+    for (path, body) in &posts {
+        let reply = check.post(&mut reader, path, body, &[]).await;
+        assert_eq!(reply.status, 403, "POST {path}: {}", reply.text);
+    }
+    // Spend the rest of the burst, then every operation is refused with 429.
+    let mut spent = 0;
+    while reader.get("/stats").await.status != 429 {
+        spent += 1;
+        assert!(spent <= 100, "the rate limit never refused");
+    }
+    for (path, body) in &posts {
+        let reply = check.post(&mut reader, path, body, &[]).await;
+        assert_eq!(reply.status, 429, "POST {path}: {}", reply.text);
+    }
+    for path in &gets {
+        let reply = check.get(&mut reader, path).await;
+        assert_eq!(reply.status, 429, "GET {path}: {}", reply.text);
+    }
+
+    let unseen = check.unseen();
+    let excused: BTreeSet<&str> = NOT_PROVOKED_HERE.iter().map(|(status, _)| *status).collect();
+    let unexplained: Vec<_> = unseen
+        .iter()
+        .filter(|(_, _, s)| !excused.contains(s.as_str()))
+        .collect();
+    assert!(
+        unexplained.is_empty(),
+        "documented and never provoked: {unexplained:?}"
+    );
+    let stale: Vec<_> = excused
+        .iter()
+        .filter(|status| !unseen.iter().any(|(_, _, s)| s == *status))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "NOT_PROVOKED_HERE lists statuses that were provoked: {stale:?}"
+    );
+}
+
+/// A documented query parameter or header that its route ignored would be a lie: each is sent
+/// twice, which every route refuses with 400 naming it, so a 400 proves the route reads it.
+#[tokio::test]
+async fn every_documented_parameter_is_read_by_its_route() {
+    let server = Server::start(&[]);
+    let mut client = server.client().await;
+    let doc = document();
+    let mut tried = 0;
+    for (template, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let parameters: Vec<&Value> = operation["parameters"]
+                .as_array()
+                .map(|list| list.iter().map(|p| resolve(&doc, p)).collect())
+                .unwrap_or_default();
+            let example = |p: &Value| match &p["example"] {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            let mut path = template.clone();
+            for p in parameters.iter().filter(|p| p["in"] == "path") {
+                path = path.replace(&format!("{{{}}}", p["name"].as_str().unwrap()), &example(p));
+            }
+            let required: Vec<String> = parameters
+                .iter()
+                .filter(|p| p["in"] == "query" && p["required"] == true)
+                .map(|p| format!("{}={}", p["name"].as_str().unwrap(), example(p)))
+                .collect();
+            for p in &parameters {
+                let name = p["name"].as_str().unwrap();
+                let twice = format!("{name}={}", example(p));
+                let mut builder = Request::builder()
+                    .method(method.to_uppercase().as_str())
+                    .header("host", server.addr.to_string())
+                    .header("content-type", "application/json");
+                let uri = match p["in"].as_str().unwrap() {
+                    "query" => {
+                        let mut query = required.clone();
+                        query.retain(|pair| !pair.starts_with(&format!("{name}=")));
+                        query.extend([twice.clone(), twice]);
+                        format!("{path}?{}", query.join("&"))
+                    }
+                    "header" => {
+                        builder = builder.header(name, example(p)).header(name, example(p));
+                        format!("{path}?{}", required.join("&"))
+                    }
+                    "path" => continue,
+                    other => panic!("{template}: a parameter in {other}"),
+                };
+                let body = if method == "post" {
+                    let examples = body_examples(&doc, template);
+                    examples[0].1.to_string()
+                } else {
+                    String::new()
+                };
+                let request = builder.uri(&uri).body(Full::new(Bytes::from(body))).unwrap();
+                let reply = client.request(request).await;
+                assert_eq!(reply.status, 400, "{method} {uri}: {}", reply.text);
+                let message = reply.json()["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .to_ascii_lowercase();
+                assert!(
+                    message.contains(&name.to_ascii_lowercase()),
+                    "{method} {uri}: the refusal does not name {name}: {}",
+                    reply.text
+                );
+                tried += 1;
+            }
+        }
+    }
+    assert!(tried >= 8, "only {tried} parameters were tried");
+}
+
+#[test]
+fn every_example_in_the_document_fits_its_schema() {
+    let doc = document();
+    let mut checked = 0;
+    let mut fits = |what: String, schema: &Value, value: &Value| {
+        let errors = schema_errors(&doc, schema, value);
+        assert!(errors.is_empty(), "{what}: {errors:#?}");
+        checked += 1;
+    };
+    for (template, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let at = format!("{method} {template}");
+            for parameter in operation["parameters"].as_array().into_iter().flatten() {
+                let parameter = resolve(&doc, parameter);
+                fits(
+                    format!("{at} {}", parameter["name"]),
+                    &parameter["schema"],
+                    &parameter["example"],
+                );
+            }
+            let mut bodies = vec![("request".to_owned(), &operation["requestBody"])];
+            for (status, response) in operation["responses"].as_object().unwrap() {
+                bodies.push((status.clone(), response));
+            }
+            for (label, body) in bodies {
+                let Some(json) = body["content"].get("application/json") else {
+                    continue;
+                };
+                for (name, example) in json["examples"].as_object().into_iter().flatten() {
+                    fits(
+                        format!("{at} {label} example {name}"),
+                        &json["schema"],
+                        &example["value"],
+                    );
+                }
+            }
+        }
+    }
+    // A schema's own `examples`, the component schemas' too.
+    for (name, schema) in doc["components"]["schemas"].as_object().unwrap() {
+        for example in schema["examples"].as_array().into_iter().flatten() {
+            fits(
+                format!("schema {name}"),
+                &json!({"$ref": format!("#/components/schemas/{name}")}),
+                example,
+            );
+        }
+    }
+    assert!(checked > 40, "only {checked} examples were checked");
+}
