@@ -149,6 +149,17 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(64..=(16 << 20)))]
     pub body_limit_bytes: u32,
 
+    /// How long a hold lasts when `POST /holds` gives no `expires_in_s`, in seconds (7 days; at
+    /// most 30 days, as for `expires_in_s`).
+    #[arg(long, env = "TALLYD_HOLD_EXPIRY_S", default_value_t = 7 * 24 * 3600,
+          value_parser = clap::value_parser!(u32).range(1..=30 * 24 * 3600))]
+    pub hold_expiry_s: u32,
+
+    /// Most items in one all-or-nothing `POST /batches`.
+    #[arg(long, env = "TALLYD_BATCH_ITEMS_MAX", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    pub batch_items_max: u32,
+
     /// Longest time a client may take to send a request body, in milliseconds.
     #[arg(long, env = "TALLYD_REQUEST_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(10..=600_000))]

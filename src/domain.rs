@@ -70,7 +70,7 @@ impl Account {
 /// separated by single spaces, or by single dashes, never both in one number, with no separator at
 /// either end; any group sizes, 6 to 19 digits in all. It keeps only the digits, so a card is stored,
 /// compared and answered as digits however it was written.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct CardNumber(String);
 
 /// Longest card number as written, separators included: 19 digits and 18 separators.
@@ -252,7 +252,7 @@ impl PositiveAmount {
 }
 
 /// Free text a client attaches to a transfer, at most [`REFERENCE_BYTES_MAX`] bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Reference(String);
 
 impl Reference {
@@ -278,10 +278,85 @@ pub struct TransferRequest {
     pub reference: Option<Reference>,
 }
 
+/// Largest overdraft limit of an account, in minor units (the same bound as one amount).
+pub const OVERDRAFT_LIMIT_MAX: i64 = AMOUNT_ABS_MAX;
+/// Longest a hold may be kept before it expires, in seconds (30 days).
+pub const HOLD_EXPIRY_S_MAX: i64 = 30 * 24 * 3600;
+
 /// A validated `POST /accounts`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenAccountRequest {
     pub card: CardNumber,
+    /// How far below zero the balance may go, 0 to [`OVERDRAFT_LIMIT_MAX`].
+    pub overdraft_limit: i64,
+}
+
+/// A validated `PATCH /accounts/{card}`: a new overdraft limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetLimitRequest {
+    pub card: CardNumber,
+    pub overdraft_limit: i64,
+}
+
+/// A validated `POST /holds`: reserve `amount` on `card` until it is captured, voided or expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldRequest {
+    pub card: CardNumber,
+    pub amount: PositiveAmount,
+    /// The card a capture pays; `None`: the outside world (like a withdrawal).
+    pub destination: Option<CardNumber>,
+    /// Seconds from the hold's creation to its expiry, 1 to [`HOLD_EXPIRY_S_MAX`] (the default
+    /// is filled in when the request is decoded, so that a retry means the same thing).
+    pub expires_in_s: i64,
+    pub reference: Option<Reference>,
+}
+
+/// A validated `POST /holds/{id}/capture`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureRequest {
+    pub hold_id: i64,
+    /// `None`: all of the held amount.
+    pub amount: Option<PositiveAmount>,
+}
+
+/// A validated `POST /holds/{id}/void`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VoidRequest {
+    pub hold_id: i64,
+}
+
+/// One item of an all-or-nothing `POST /batches`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchItem {
+    Transaction(TransactionRequest),
+    Transfer(TransferRequest),
+    Hold(HoldRequest),
+    Capture(CaptureRequest),
+    Void(VoidRequest),
+}
+
+impl BatchItem {
+    /// The item's `type` in the request.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            BatchItem::Transaction(_) => "transaction",
+            BatchItem::Transfer(_) => "transfer",
+            BatchItem::Hold(_) => "hold",
+            BatchItem::Capture(_) => "capture",
+            BatchItem::Void(_) => "void",
+        }
+    }
+
+    /// The command the item would be on its own route.
+    pub fn command(&self) -> Command {
+        match self.clone() {
+            BatchItem::Transaction(request) => Command::Transaction(request),
+            BatchItem::Transfer(request) => Command::Transfer(request),
+            BatchItem::Hold(request) => Command::PlaceHold(request),
+            BatchItem::Capture(request) => Command::CaptureHold(request),
+            BatchItem::Void(request) => Command::VoidHold(request),
+        }
+    }
 }
 
 /// One request the engine decides, typed by kind; each has its own outcome.
@@ -290,11 +365,19 @@ pub enum Command {
     OpenAccount(OpenAccountRequest),
     Transaction(TransactionRequest),
     Transfer(TransferRequest),
+    SetLimit(SetLimitRequest),
+    PlaceHold(HoldRequest),
+    CaptureHold(CaptureRequest),
+    VoidHold(VoidRequest),
+    /// `POST /batches`: every item takes effect, or none does.
+    Batch(Vec<BatchItem>),
+    /// The sweeper's: release a pending hold whose time is up. No route makes it.
+    ExpireHold(i64),
 }
 
 /// The scopes (see [`Command::scope`]) whose keyed requests move money: where a lookup of a
 /// transaction by its idempotency key searches.
-pub const MONEY_SCOPES: &[&str] = &["/transaction", "/transfers"];
+pub const MONEY_SCOPES: &[&str] = &["/transaction", "/transfers", "/holds/capture"];
 
 impl Command {
     /// The route an idempotency key is scoped to: the same key on two routes is two keys.
@@ -303,6 +386,12 @@ impl Command {
             Command::OpenAccount(_) => "/accounts",
             Command::Transaction(_) => "/transaction",
             Command::Transfer(_) => "/transfers",
+            Command::SetLimit(_) => "/accounts/limit",
+            Command::PlaceHold(_) => "/holds",
+            Command::CaptureHold(_) => "/holds/capture",
+            Command::VoidHold(_) => "/holds/void",
+            Command::Batch(_) => "/batches",
+            Command::ExpireHold(_) => "(expiry)",
         }
     }
 
@@ -310,19 +399,45 @@ impl Command {
     /// same fingerprint (however its JSON was spaced or ordered), and a different request never does.
     pub fn fingerprint(&self) -> String {
         let text = |value: &str| serde_json::Value::from(value).to_string();
+        let reference = |reference: &Option<Reference>| {
+            reference
+                .as_ref()
+                .map_or_else(|| "null".to_owned(), |r| text(r.as_str()))
+        };
         match self {
-            Command::OpenAccount(open) => format!("open {}", open.card),
+            // Version 3's fingerprint when there is no limit, so that keys used before still match.
+            Command::OpenAccount(open) if open.overdraft_limit == 0 => format!("open {}", open.card),
+            Command::OpenAccount(open) => format!("open {} limit {}", open.card, open.overdraft_limit),
             Command::Transaction(tx) => format!("transaction {} {}", tx.card, tx.amount.minor_units()),
             Command::Transfer(transfer) => format!(
                 "transfer {} {} {} {}",
                 transfer.source,
                 transfer.destination,
                 transfer.amount.minor_units(),
-                transfer
-                    .reference
-                    .as_ref()
-                    .map_or_else(|| "null".to_owned(), |r| text(r.as_str()))
+                reference(&transfer.reference)
             ),
+            Command::SetLimit(limit) => format!("limit {} {}", limit.card, limit.overdraft_limit),
+            Command::PlaceHold(hold) => format!(
+                "hold {} {} {} {} {}",
+                hold.card,
+                hold.amount.minor_units(),
+                hold.destination.as_ref().map_or("null", CardNumber::as_str),
+                hold.expires_in_s,
+                reference(&hold.reference)
+            ),
+            Command::CaptureHold(capture) => format!(
+                "capture {} {}",
+                capture.hold_id,
+                capture
+                    .amount
+                    .map_or_else(|| "all".to_owned(), |a| a.minor_units().to_string())
+            ),
+            Command::VoidHold(void) => format!("void {}", void.hold_id),
+            Command::Batch(items) => {
+                let items: Vec<String> = items.iter().map(|item| item.command().fingerprint()).collect();
+                format!("batch [{}]", items.join(", "))
+            }
+            Command::ExpireHold(id) => format!("expire {id}"),
         }
     }
 }

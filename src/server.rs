@@ -128,6 +128,8 @@ pub async fn run(
         keys,
         limiter,
         metrics_public: config.metrics_public,
+        hold_expiry_s: i64::from(config.hold_expiry_s),
+        batch_items_max: config.batch_items_max as usize,
     });
     let sweeper = tokio::spawn(sweep_rate_limits(Arc::clone(&app)));
     // Installed before `listening` is logged, so that a SIGHUP from then on reloads, never kills.

@@ -280,7 +280,7 @@ async fn accounts_open_once_start_at_zero_and_take_transfers() {
     assert!(at >= before && at <= now_ms());
     assert_eq!(
         opened.json(),
-        json!({"card_number": card, "balance": 0, "available": 0, "created_at_ms": at})
+        json!({"card_number": card, "balance": 0, "held": 0, "overdraft_limit": 0, "available": 0, "created_at_ms": at})
     );
     let again = client
         .post_json("/accounts", &format!(r#"{{"card_number":"{card}"}}"#))

@@ -164,7 +164,7 @@ async fn a_version_1_database_is_upgraded_in_place_with_its_ids_and_balances() {
     let mut server = Server::start_on(&db, &[]);
     let conn = server.sqlite();
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     // The old tables' names are views now, and read exactly as before.
     let journal: Vec<V1Row> = conn
         .prepare("SELECT id, card_number, amount, balance_after, created_at_ms FROM journal ORDER BY id")
@@ -281,12 +281,12 @@ fn a_database_newer_than_the_binary_is_refused_untouched() {
     let mut server = Server::start_on(&db, &[]);
     assert!(server.terminate().success());
     let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.execute_batch("PRAGMA user_version = 4; CREATE TABLE holds (id INTEGER PRIMARY KEY);")
+    conn.execute_batch("PRAGMA user_version = 5; CREATE TABLE disputes (id INTEGER PRIMARY KEY);")
         .unwrap();
     drop(conn);
-    let said = assert_refused_untouched(&db, &["schema version 4", "newer"]);
+    let said = assert_refused_untouched(&db, &["schema version 5", "newer"]);
     eprintln!(
-        "upgrade: a version-4 file is refused: {}",
+        "upgrade: a version-5 file is refused: {}",
         said.lines().last().unwrap_or("")
     );
 }
@@ -323,9 +323,9 @@ fn an_empty_file_stamped_with_a_newer_version_is_refused_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("users.db");
     let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.execute_batch("PRAGMA user_version = 4;").unwrap();
+    conn.execute_batch("PRAGMA user_version = 5;").unwrap();
     drop(conn);
-    assert_refused_untouched(&db, &["schema version 4", "newer"]);
+    assert_refused_untouched(&db, &["schema version 5", "newer"]);
 }
 
 /// An upgraded account cannot have been opened after its own history: version 1 kept no opening
@@ -429,7 +429,7 @@ async fn a_version_2_database_is_upgraded_with_its_balances_and_its_keys() {
     let server = Server::start_on(&db, &[]);
     let conn = server.sqlite();
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     let checkpoint: i64 = conn
         .query_row("SELECT transaction_id FROM ledger_checkpoint", [], |r| r.get(0))
         .unwrap();
@@ -452,5 +452,52 @@ async fn a_version_2_database_is_upgraded_with_its_balances_and_its_keys() {
     let next = client.transfer(a, b, 1).await;
     assert_eq!(next.i64("id"), 2);
     assert_eq!(client.balance(b).await, 101);
+    server.verify();
+}
+
+/// Version 3 (before holds and credit limits) to 4: the nonnegative CHECKs go without a copy of
+/// the tables, the new tables arrive, and an overdraft can then take a card below zero.
+#[tokio::test]
+async fn a_version_3_database_gains_holds_and_limits_and_keeps_its_books() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let (a, b) = ("4000000000000001", "4000000000000002");
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch(include_str!("fixtures/schema-v3.sql"))
+            .unwrap();
+        conn.execute_batch(&format!(
+            "INSERT INTO ledger_accounts VALUES ('{a}', 1000, 1000, NULL, 0), ('{b}', 0, 0, NULL, 0);
+             INSERT INTO transactions VALUES (1, 'transfer', 100, '{a}', -100, 900, NULL,
+                                              '{b}', 100, 100, NULL, NULL, NULL, 1000);"
+        ))
+        .unwrap();
+        let refused = conn.execute(
+            &format!("UPDATE ledger_accounts SET balance = -1 WHERE name = '{a}'"),
+            [],
+        );
+        assert!(refused.is_err(), "version 3 refuses a negative balance");
+    }
+    let server = Server::start_on(&db, &[]);
+    let conn = server.sqlite();
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(version, 4);
+    let integrity: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(integrity, "ok");
+    let mut client = server.client().await;
+    assert_eq!(client.balance(a).await, 900, "the replayed history");
+    let request = hyper::Request::patch(format!("/accounts/{b}"))
+        .header("host", "tallyd")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            br#"{"overdraft_limit":500}"#,
+        )))
+        .unwrap();
+    assert_eq!(client.request(request).await.status.as_u16(), 200);
+    let overdrawn = client.transaction(b, -600).await;
+    assert_eq!(overdrawn.status.as_u16(), 200, "{}", overdrawn.text);
+    assert_eq!(client.balance(b).await, -500);
     server.verify();
 }

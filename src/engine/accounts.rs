@@ -97,7 +97,10 @@ impl Accounts {
     }
 
     pub fn get(&self, card: &CardNumber) -> Option<AccountState> {
-        let key = CardKey::of(card);
+        self.get_key(CardKey::of(card))
+    }
+
+    pub fn get_key(&self, key: CardKey) -> Option<AccountState> {
         match self.position(key) {
             Some(at) => Some(unpack(&self.sorted[at])),
             None => self.opened.get(&key).map(unpack),
@@ -110,8 +113,13 @@ impl Accounts {
 
     /// Sets an account's committed state, opening it if it is new; a state with a transaction
     /// marks the row for the write-back.
+    #[cfg(test)]
     pub fn set(&mut self, card: &CardNumber, state: AccountState) {
-        let key = CardKey::of(card);
+        self.set_key(CardKey::of(card), state);
+    }
+
+    /// [`Accounts::set`] by the card's key.
+    pub fn set_key(&mut self, key: CardKey, state: AccountState) {
         let dirty = state.last_transaction_id.is_some();
         match self.position(key) {
             Some(at) => self.sorted[at] = pack(key, state, dirty),

@@ -25,7 +25,7 @@
 //! lookup and always the committed one. The accounts' stored rows lag behind it until the
 //! write-back ([`Ledger::write_back_step`]) brings them up to date, a chunk between batches.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -35,15 +35,17 @@ use std::time::{Duration, Instant};
 type Map<K, V> = HashMap<K, V, ahash::RandomState>;
 type Set<K> = HashSet<K, ahash::RandomState>;
 
+mod holds;
+
 use super::accounts::Accounts;
 use super::keys::KeyIndex;
 use crate::domain::{
-    Account, Amount, CardNumber, Command, IdempotencyKey, Kind, OpenAccountRequest, TransactionRequest,
+    Account, CardKey, CardNumber, Command, IdempotencyKey, Kind, OpenAccountRequest, TransactionRequest,
     TransferRequest,
 };
 use crate::store::{
-    AccountState, Batch, IdempotencyRecord, LedgerState, Leg, NewAccount, Store, StoreError, StoredAnswer,
-    Totals, TransactionRecord,
+    AccountState, Batch, Credit, CreditRow, Hold, HoldStatus, IdempotencyRecord, LedgerState, Leg,
+    NewAccount, Store, StoreError, StoredAnswer, Totals, TransactionRecord,
 };
 
 /// What the engine decided for one command. A refusal is an outcome, not an error: the request
@@ -65,6 +67,21 @@ pub enum Outcome {
         destination_balance: i64,
         created_at_ms: i64,
     },
+    /// `POST /holds`, a capture, a void or an expiry: the hold as it is now, with its card's
+    /// balance and what is available on it.
+    Held {
+        hold: Box<Hold>,
+        balance: i64,
+        available: i64,
+    },
+    /// `PATCH /accounts/{card}`: the account's terms now.
+    LimitSet {
+        balance: i64,
+        credit: Credit,
+        available: i64,
+    },
+    /// `POST /batches`: every item took effect, each with its own outcome, in order.
+    Batch(Vec<Outcome>),
     /// Decided, and nothing changed.
     Refused(Refusal),
     /// The key was used before by the same request: its first answer, byte for byte.
@@ -76,8 +93,9 @@ pub enum Outcome {
 /// Why the ledger said no.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    /// The debit is larger than the balance.
-    InsufficientFunds { balance: i64 },
+    /// The debit (or the hold) is larger than what is available: the balance, less what is held,
+    /// plus the overdraft limit.
+    InsufficientFunds { balance: i64, available: i64 },
     /// No account has this card number.
     CardNotFound { card: CardNumber },
     /// The credit would push the balance past i64::MAX minor units.
@@ -86,6 +104,16 @@ pub enum Refusal {
     AccountExists,
     /// The idempotency key was used before with a different request.
     IdempotencyKeyReused,
+    /// No hold has this id.
+    HoldNotFound { id: i64 },
+    /// The hold was resolved before (captured, voided or expired), or its time is up.
+    HoldResolved { id: i64, status: HoldStatus },
+    /// A capture of more than the hold reserved.
+    CaptureExceedsHold { held: i64 },
+    /// A new overdraft limit below what the account already uses.
+    LimitBelowUsage { balance: i64, held: i64 },
+    /// One item of an all-or-nothing batch was refused, so none took effect.
+    BatchFailed { index: usize, refusal: Box<Refusal> },
 }
 
 /// Turns an outcome into what the client is answered (status and body). Given by the HTTP layer at
@@ -104,19 +132,28 @@ pub enum CardRule {
     BalanceLimitExceeded,
 }
 
-/// The rule of a card account: the new balance, or why there is none. Balances never go below
-/// zero and arithmetic never wraps.
-pub fn apply(balance: i64, amount: Amount) -> Result<i64, CardRule> {
-    match balance.checked_add(amount.minor_units()) {
-        None => Err(if amount.minor_units() > 0 {
+/// The rule of a card account: its new balance after a signed change of `amount` minor units,
+/// or why there is none. A debit may spend what is available (the balance, less what is held,
+/// plus the overdraft limit) and no more; a credit is always taken unless it would pass i64::MAX;
+/// arithmetic never wraps.
+pub fn apply(balance: i64, credit: Credit, amount: i64) -> Result<i64, CardRule> {
+    let Some(new) = balance.checked_add(amount) else {
+        return Err(if amount > 0 {
             CardRule::BalanceLimitExceeded
         } else {
-            // Only reachable from a negative balance, which the store's CHECK forbids.
             CardRule::InsufficientFunds
-        }),
-        Some(new) if new < 0 => Err(CardRule::InsufficientFunds),
-        Some(new) => Ok(new),
+        });
+    };
+    if amount < 0 && credit.available(new) < 0 {
+        return Err(CardRule::InsufficientFunds);
     }
+    Ok(new)
+}
+
+/// What is available on an account, as answered (an i64 large enough for any real account; only a
+/// balance near i64::MAX with a limit could pass it).
+pub fn available(balance: i64, credit: Credit) -> i64 {
+    i64::try_from(credit.available(balance)).unwrap_or(i64::MAX)
 }
 
 /// What a batch did, for the worker to report.
@@ -159,12 +196,32 @@ pub struct Committed {
     world: AccountState,
     /// The live idempotency keys.
     keys: KeyIndex,
+    /// The accounts with an overdraft limit or a pending hold; the rest have neither.
+    credit: Map<CardKey, Credit>,
+    /// Every pending hold, by id.
+    holds: Map<i64, Hold>,
+    /// The pending holds by expiry: (expires_at_ms, id), for the sweeper.
+    expiries: BTreeSet<(i64, i64)>,
 }
 
 impl Committed {
     /// A card account's committed state; `None` without such an account.
     pub fn card(&self, card: &CardNumber) -> Option<AccountState> {
         self.cards.get(card)
+    }
+
+    /// A card account's credit terms and held amount (none for most).
+    pub fn credit(&self, card: &CardNumber) -> Credit {
+        self.credit_of(CardKey::of(card))
+    }
+
+    fn credit_of(&self, key: CardKey) -> Credit {
+        self.credit.get(&key).copied().unwrap_or_default()
+    }
+
+    /// How many holds are pending.
+    pub fn pending_holds(&self) -> usize {
+        self.holds.len()
     }
 
     /// Card accounts, and the bytes their table holds.
@@ -225,6 +282,7 @@ pub struct Ledger<S> {
     committed: SharedState,
     next_id: i64,
     next_key_id: i64,
+    next_hold_id: i64,
     /// Timestamps never go backwards, so that ids and times agree (`/balance?at=` relies on it).
     last_at_ms: i64,
     totals: Totals,
@@ -237,11 +295,19 @@ pub struct Ledger<S> {
 /// One batch being decided: its writes, and the balances it has staged over the committed ones.
 struct Staging<'a> {
     batch: Batch,
-    cards: Map<&'a CardNumber, AccountState>,
-    opened: Set<&'a CardNumber>,
+    cards: Map<CardKey, AccountState>,
+    opened: Set<CardKey>,
     world: AccountState,
     next_id: i64,
     next_key_id: i64,
+    /// Credit terms changed by this batch (a limit set, a hold placed or released).
+    credit: Map<CardKey, Credit>,
+    /// Holds placed or resolved by this batch, in their new state.
+    holds: Map<i64, Hold>,
+    next_hold_id: i64,
+    /// The status of the resolved holds this batch's commands name (read from the store: the
+    /// engine keeps only pending holds in memory).
+    resolved: Map<i64, HoldStatus>,
     /// Keys used before (found in the store) or earlier in this batch, with the answer they got.
     keys: Map<(&'static str, &'a IdempotencyKey), StoredAnswer>,
     /// The store could not say which keys were used: every keyed command fails, nothing decided.
@@ -256,6 +322,7 @@ impl<S: Store> Ledger<S> {
             committed: SharedState::default(),
             next_id: 1,
             next_key_id: 1,
+            next_hold_id: 1,
             last_at_ms: 0,
             totals: Totals::default(),
             render,
@@ -281,6 +348,9 @@ impl<S: Store> Ledger<S> {
             keys,
             next_key_id,
             checkpoint,
+            credit,
+            pending_holds,
+            next_hold_id,
         } = self.store.load()?;
         self.last_at_ms = self.last_at_ms.max(last_at_unix_ms);
         self.totals = Totals {
@@ -311,9 +381,19 @@ impl<S: Store> Ledger<S> {
             }
             committed.world = world;
             committed.keys = index;
+            committed.credit = credit
+                .into_iter()
+                .map(|row| (CardKey::of(&row.card), row.credit))
+                .collect();
+            committed.expiries = pending_holds
+                .iter()
+                .map(|hold| (hold.expires_at_ms, hold.id))
+                .collect();
+            committed.holds = pending_holds.into_iter().map(|hold| (hold.id, hold)).collect();
         }
         self.next_id = next_transaction_id;
         self.next_key_id = next_key_id;
+        self.next_hold_id = next_hold_id;
         self.write_back = write_back;
         self.stale = false;
         Ok(())
@@ -397,6 +477,30 @@ impl<S: Store> Ledger<S> {
             committed.keys.remove(name.id, &name.scope, &name.key);
         }
         Ok(pruned.len())
+    }
+
+    /// Expires up to `max` pending holds whose time is up at `now_unix_ms`, in one batch through
+    /// the same rules as every command; returns how many were expired (0 when the batch failed:
+    /// the next sweep tries again).
+    pub fn expire_due(&mut self, now_unix_ms: i64, max: usize) -> usize {
+        let due: Vec<Command> = self
+            .committed
+            .read()
+            .expiries
+            .iter()
+            .take_while(|(expires_at, _)| *expires_at <= now_unix_ms)
+            .take(max)
+            .map(|(_, id)| Command::ExpireHold(*id))
+            .collect();
+        if due.is_empty() {
+            return 0;
+        }
+        let report = self.apply_batch(due.iter().map(|command| (command, None)), now_unix_ms);
+        report
+            .outcomes
+            .iter()
+            .filter(|outcome| matches!(outcome, Outcome::Held { .. }))
+            .count()
     }
 
     /// Writes back one chunk of the accounts whose rows are behind, if a round is under way or
@@ -516,6 +620,10 @@ impl<S: Store> Ledger<S> {
             next_key_id: self.next_key_id,
             keys: Map::default(),
             keys_unknown: false,
+            credit: Map::default(),
+            holds: Map::default(),
+            next_hold_id: self.next_hold_id,
+            resolved: Map::default(),
         };
         let commands: Vec<(&'a Command, Option<ScopedKey<'a>>)> = commands.collect();
         // The records that may hold this batch's keys, read back at once; a record whose name is
@@ -541,10 +649,44 @@ impl<S: Store> Ledger<S> {
                 staging.keys_unknown = true;
             }
         }
+        // The holds named by captures and voids that are not pending: resolved ones, whose status
+        // the store has (an id the store does not have is no hold).
+        let named: Vec<i64> = commands
+            .iter()
+            .flat_map(|(command, _)| holds::named(command))
+            .filter(|id| !committed.holds.contains_key(id) && *id < self.next_hold_id)
+            .collect();
+        if !named.is_empty() {
+            match self.store.hold_statuses(&named) {
+                Ok(found) => staging.resolved.extend(
+                    named
+                        .iter()
+                        .zip(found)
+                        .filter_map(|(id, status)| Some((*id, status?))),
+                ),
+                Err(error) => {
+                    tracing::error!(%error, "looking up holds failed");
+                    let outcomes = commands.iter().map(|_| Outcome::StorageFailed).collect();
+                    return (outcomes, staging);
+                }
+            }
+        }
         let render = self.render;
         let outcomes = commands
             .into_iter()
             .map(|(command, key)| decide_keyed(&committed, &mut staging, render, command, key))
+            .collect();
+        // What the holds and terms are after the batch is what the store keeps.
+        let mut placed: Vec<Hold> = staging.holds.values().cloned().collect();
+        placed.sort_unstable_by_key(|hold| hold.id);
+        staging.batch.holds = placed;
+        staging.batch.credit = staging
+            .credit
+            .iter()
+            .map(|(key, credit)| CreditRow {
+                card: key.card(),
+                credit: *credit,
+            })
             .collect();
         (outcomes, staging)
     }
@@ -564,7 +706,23 @@ impl<S: Store> Ledger<S> {
         let mut committed = self.committed.write();
         for (card, state) in staging.cards {
             // Marks the row for the write-back when the account moved.
-            committed.cards.set(card, state);
+            committed.cards.set_key(card, state);
+        }
+        for (card, credit) in staging.credit {
+            if credit.is_none() {
+                committed.credit.remove(&card);
+            } else {
+                committed.credit.insert(card, credit);
+            }
+        }
+        for (id, hold) in staging.holds {
+            committed.expiries.remove(&(hold.expires_at_ms, id));
+            if hold.status == HoldStatus::Pending {
+                committed.expiries.insert((hold.expires_at_ms, id));
+                committed.holds.insert(id, hold);
+            } else {
+                committed.holds.remove(&id);
+            }
         }
         if committed.world != staging.world {
             self.write_back.dirty_world = true;
@@ -578,6 +736,7 @@ impl<S: Store> Ledger<S> {
         drop(committed);
         self.next_id = staging.next_id;
         self.next_key_id = staging.next_key_id;
+        self.next_hold_id = staging.next_hold_id;
     }
 
     fn report(&self, outcomes: Vec<Outcome>, commit_ok: bool) -> BatchReport {
@@ -630,9 +789,10 @@ fn decide_keyed<'a>(
         };
     }
     let outcome = execute(committed, staging, command);
-    let transaction_id = match outcome {
-        Outcome::Posted { id, .. } | Outcome::Transferred { id, .. } => Some(id),
-        Outcome::Opened { .. } | Outcome::Refused(_) => None,
+    let transaction_id = match &outcome {
+        Outcome::Posted { id, .. } | Outcome::Transferred { id, .. } => Some(*id),
+        Outcome::Held { hold, .. } => hold.transaction_id,
+        Outcome::Opened { .. } | Outcome::LimitSet { .. } | Outcome::Batch(_) | Outcome::Refused(_) => None,
         // Nothing was decided: a retry must be free to run.
         Outcome::Replayed(_) | Outcome::StorageFailed => return outcome,
     };
@@ -659,34 +819,70 @@ fn decide_keyed<'a>(
     outcome
 }
 
-fn execute<'a>(committed: &Committed, staging: &mut Staging<'a>, command: &'a Command) -> Outcome {
+fn execute(committed: &Committed, staging: &mut Staging<'_>, command: &Command) -> Outcome {
     let decided = match command {
         Command::OpenAccount(open) => open_account(committed, staging, open),
         Command::Transaction(transaction) => post(committed, staging, transaction),
         Command::Transfer(transfer) => transfer_between(committed, staging, transfer),
+        Command::SetLimit(limit) => holds::set_limit(committed, staging, limit),
+        Command::PlaceHold(hold) => holds::place(committed, staging, hold),
+        Command::CaptureHold(capture) => holds::capture(committed, staging, capture),
+        Command::VoidHold(void) => holds::release(committed, staging, void.hold_id, HoldStatus::Voided),
+        Command::ExpireHold(id) => holds::release(committed, staging, *id, HoldStatus::Expired),
+        Command::Batch(items) => holds::all_or_nothing(committed, staging, items),
     };
     decided.unwrap_or_else(Outcome::Refused)
 }
 
 fn state(committed: &Committed, staging: &Staging<'_>, card: &CardNumber) -> Result<AccountState, Refusal> {
+    let key = CardKey::of(card);
     staging
         .cards
-        .get(card)
+        .get(&key)
         .copied()
-        .or_else(|| committed.card(card))
+        .or_else(|| committed.cards.get_key(key))
         .ok_or_else(|| Refusal::CardNotFound { card: card.clone() })
 }
 
-fn open_account<'a>(
+/// An account's credit terms as this batch has left them.
+fn credit(committed: &Committed, staging: &Staging<'_>, card: &CardNumber) -> Credit {
+    let key = CardKey::of(card);
+    staging
+        .credit
+        .get(&key)
+        .copied()
+        .unwrap_or_else(|| committed.credit_of(key))
+}
+
+/// The refusal of a debit of `card`: what the rule says, with the balance and what is available.
+fn refused(rule: CardRule, balance: i64, credit: Credit) -> Refusal {
+    match rule {
+        CardRule::InsufficientFunds => Refusal::InsufficientFunds {
+            balance,
+            available: available(balance, credit),
+        },
+        CardRule::BalanceLimitExceeded => Refusal::BalanceLimitExceeded { balance },
+    }
+}
+
+fn open_account(
     committed: &Committed,
-    staging: &mut Staging<'a>,
-    open: &'a OpenAccountRequest,
+    staging: &mut Staging<'_>,
+    open: &OpenAccountRequest,
 ) -> Result<Outcome, Refusal> {
-    if committed.cards.contains(&open.card) || staging.opened.contains(&open.card) {
+    let key = CardKey::of(&open.card);
+    if committed.cards.contains(&open.card) || staging.opened.contains(&key) {
         return Err(Refusal::AccountExists);
     }
-    staging.opened.insert(&open.card);
-    staging.cards.insert(&open.card, AccountState::default());
+    staging.opened.insert(key);
+    staging.cards.insert(key, AccountState::default());
+    if open.overdraft_limit > 0 {
+        let terms = Credit {
+            overdraft_limit: open.overdraft_limit,
+            held: 0,
+        };
+        staging.credit.insert(key, terms);
+    }
     staging.batch.accounts.push(NewAccount {
         card: open.card.clone(),
     });
@@ -696,17 +892,16 @@ fn open_account<'a>(
 }
 
 /// A deposit (from the outside world) or a withdrawal (to it).
-fn post<'a>(
+fn post(
     committed: &Committed,
-    staging: &mut Staging<'a>,
-    request: &'a TransactionRequest,
+    staging: &mut Staging<'_>,
+    request: &TransactionRequest,
 ) -> Result<Outcome, Refusal> {
     let card = state(committed, staging, &request.card)?;
     let current = card.balance;
-    let card_after = apply(current, request.amount).map_err(|rule| match rule {
-        CardRule::InsufficientFunds => Refusal::InsufficientFunds { balance: current },
-        CardRule::BalanceLimitExceeded => Refusal::BalanceLimitExceeded { balance: current },
-    })?;
+    let terms = credit(committed, staging, &request.card);
+    let card_after =
+        apply(current, terms, request.amount.minor_units()).map_err(|rule| refused(rule, current, terms))?;
     let amount = request.amount.minor_units();
     // The outside world moves the other way; it may go negative but never wraps.
     let world_after = staging
@@ -731,7 +926,9 @@ fn post<'a>(
         _ => (Kind::Deposit, [world_leg, card_leg]),
     };
     let id = stage(staging, kind, amount.abs(), None, legs);
-    staging.cards.insert(&request.card, after(card_after, id));
+    staging
+        .cards
+        .insert(CardKey::of(&request.card), after(card_after, id));
     staging.world = after(world_after, id);
     Ok(Outcome::Posted {
         id,
@@ -740,27 +937,20 @@ fn post<'a>(
     })
 }
 
-fn transfer_between<'a>(
+fn transfer_between(
     committed: &Committed,
-    staging: &mut Staging<'a>,
-    request: &'a TransferRequest,
+    staging: &mut Staging<'_>,
+    request: &TransferRequest,
 ) -> Result<Outcome, Refusal> {
     let source = state(committed, staging, &request.source)?;
     let destination = state(committed, staging, &request.destination)?;
     let amount = request.amount.minor_units();
-    let source_after = source
-        .balance
-        .checked_sub(amount)
-        .filter(|after| *after >= 0)
-        .ok_or(Refusal::InsufficientFunds {
-            balance: source.balance,
-        })?;
-    let destination_after = destination
-        .balance
-        .checked_add(amount)
-        .ok_or(Refusal::BalanceLimitExceeded {
-            balance: destination.balance,
-        })?;
+    let source_terms = credit(committed, staging, &request.source);
+    let source_after = apply(source.balance, source_terms, -amount)
+        .map_err(|rule| refused(rule, source.balance, source_terms))?;
+    let destination_terms = credit(committed, staging, &request.destination);
+    let destination_after = apply(destination.balance, destination_terms, amount)
+        .map_err(|rule| refused(rule, destination.balance, destination_terms))?;
     let legs = [
         Leg {
             account: Account::Card(request.source.clone()),
@@ -776,10 +966,12 @@ fn transfer_between<'a>(
         },
     ];
     let id = stage(staging, Kind::Transfer, amount, request.reference.clone(), legs);
-    staging.cards.insert(&request.source, after(source_after, id));
     staging
         .cards
-        .insert(&request.destination, after(destination_after, id));
+        .insert(CardKey::of(&request.source), after(source_after, id));
+    staging
+        .cards
+        .insert(CardKey::of(&request.destination), after(destination_after, id));
     Ok(Outcome::Transferred {
         id,
         source_balance: source_after,
@@ -805,11 +997,6 @@ fn stage(
     legs: [Leg; 2],
 ) -> i64 {
     debug_assert_eq!(legs[0].amount + legs[1].amount, 0, "legs sum to zero");
-    debug_assert!(
-        legs.iter()
-            .all(|leg| leg.account == Account::World || leg.balance_after >= 0),
-        "no card below zero"
-    );
     let id = staging.next_id;
     staging.next_id += 1;
     staging.batch.transactions.push(TransactionRecord {
@@ -826,7 +1013,7 @@ fn stage(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{PositiveAmount, Reference};
+    use crate::domain::{Amount, PositiveAmount, Reference};
     use crate::store::memory::MemoryStore;
 
     fn card(n: u8) -> CardNumber {
@@ -850,7 +1037,10 @@ mod tests {
     }
 
     fn open(n: u8) -> Command {
-        Command::OpenAccount(OpenAccountRequest { card: card(n) })
+        Command::OpenAccount(OpenAccountRequest {
+            card: card(n),
+            overdraft_limit: 0,
+        })
     }
 
     /// A stand-in for the HTTP rendering: deterministic, and different for different outcomes.
@@ -877,16 +1067,29 @@ mod tests {
 
     #[test]
     fn the_card_rule_at_its_edges() {
-        let amount = |a| Amount::new(a).unwrap();
+        let none = Credit::default();
+        assert_eq!(apply(100, none, -100), Ok(0), "a balance may reach exactly zero");
+        assert_eq!(apply(100, none, -101), Err(CardRule::InsufficientFunds));
+        assert_eq!(apply(0, none, -1), Err(CardRule::InsufficientFunds));
+        assert_eq!(apply(i64::MAX - 1, none, 1), Ok(i64::MAX));
+        assert_eq!(apply(i64::MAX, none, 1), Err(CardRule::BalanceLimitExceeded));
+        let limit = |overdraft_limit, held| Credit {
+            overdraft_limit,
+            held,
+        };
+        assert_eq!(apply(0, limit(50, 0), -50), Ok(-50), "down to the limit");
+        assert_eq!(apply(0, limit(50, 0), -51), Err(CardRule::InsufficientFunds));
         assert_eq!(
-            apply(100, amount(-100)),
-            Ok(0),
-            "a balance may reach exactly zero"
+            apply(100, limit(50, 120), -30),
+            Ok(70),
+            "holds count against the limit"
         );
-        assert_eq!(apply(100, amount(-101)), Err(CardRule::InsufficientFunds));
-        assert_eq!(apply(0, amount(-1)), Err(CardRule::InsufficientFunds));
-        assert_eq!(apply(i64::MAX - 1, amount(1)), Ok(i64::MAX));
-        assert_eq!(apply(i64::MAX, amount(1)), Err(CardRule::BalanceLimitExceeded));
+        assert_eq!(apply(100, limit(50, 120), -31), Err(CardRule::InsufficientFunds));
+        assert_eq!(apply(-50, limit(50, 0), 10), Ok(-40), "a credit is always taken");
+        assert_eq!(
+            apply(i64::MIN + 1, limit(0, 0), -2),
+            Err(CardRule::InsufficientFunds)
+        );
     }
 
     #[test]
@@ -916,7 +1119,10 @@ mod tests {
                     destination_balance: 60,
                     created_at_ms: at
                 },
-                Outcome::Refused(Refusal::InsufficientFunds { balance: 40 }),
+                Outcome::Refused(Refusal::InsufficientFunds {
+                    balance: 40,
+                    available: 40
+                }),
                 Outcome::Refused(Refusal::CardNotFound { card: card(3) }),
                 Outcome::Opened { created_at_ms: at },
                 Outcome::Refused(Refusal::AccountExists),
@@ -1074,7 +1280,10 @@ mod tests {
         let report = ledger.apply_batch([(&big, Some((big.scope(), &key)))].into_iter(), 1_000);
         assert_eq!(
             report.outcomes[0],
-            Outcome::Refused(Refusal::InsufficientFunds { balance: 10 })
+            Outcome::Refused(Refusal::InsufficientFunds {
+                balance: 10,
+                available: 10
+            })
         );
         run(&mut ledger, &[deposit(1, 100)]);
         let report = ledger.apply_batch([(&big, Some((big.scope(), &key)))].into_iter(), 2_000);
@@ -1239,6 +1448,12 @@ mod tests {
                             _ => None,
                         }
                     }
+                    Command::SetLimit(_)
+                    | Command::PlaceHold(_)
+                    | Command::CaptureHold(_)
+                    | Command::VoidHold(_)
+                    | Command::Batch(_)
+                    | Command::ExpireHold(_) => unreachable!("the model makes none of these"),
                     Command::Transfer(t) => {
                         let (s, d): (u8, u8) = (
                             t.source.as_str().parse().unwrap(),

@@ -102,12 +102,29 @@ impl Engine {
         render: Render,
     ) -> Result<(Engine, Workers), StoreError> {
         let loading = std::time::Instant::now();
-        let ledger = Ledger::load(store, render)?;
+        let mut ledger = Ledger::load(store, render)?;
         tracing::info!(
             accounts = ledger.totals().accounts,
             ms = loading.elapsed().as_millis() as u64,
             "loaded every balance"
         );
+        // The holds that expired while tallyd was down are expired before any request is decided
+        // (a capture of one would be refused as expired anyway: the rules read the clock).
+        let now = crate::unix_ms_now();
+        let mut expired = 0;
+        loop {
+            let batch = ledger.expire_due(now, worker::HOLD_SWEEP_MAX);
+            expired += batch;
+            if batch < worker::HOLD_SWEEP_MAX {
+                break;
+            }
+        }
+        if expired > 0 {
+            tracing::info!(
+                holds = expired,
+                "expired the holds whose time ran out while tallyd was down"
+            );
+        }
         let committed = ledger.shared();
         let totals = ledger.totals();
         let state = Arc::new(EngineState {
@@ -171,6 +188,11 @@ impl Engine {
     /// such an account.
     pub fn account(&self, card: &CardNumber) -> Option<AccountState> {
         self.committed.read().card(card)
+    }
+
+    /// A card account's overdraft limit and held amount (zero for most accounts).
+    pub fn credit(&self, card: &CardNumber) -> crate::store::Credit {
+        self.committed.read().credit(card)
     }
 
     /// The idempotency records that may hold `key` on any of `scopes`, each with its scope (to

@@ -1,6 +1,6 @@
 //! One worker thread: take a batch off the queue, commit it through the ledger, answer it; and
-//! between batches, prune expired idempotency keys and write a chunk of balances back to the
-//! accounts' rows. At a clean stop, the last worker out writes back everything, so that the next
+//! between batches, expire the holds whose time is up, prune expired idempotency keys and write a
+//! chunk of balances back to the accounts' rows. At a clean stop, the last worker out writes back everything, so that the next
 //! start replays nothing.
 
 use std::sync::atomic::Ordering;
@@ -27,6 +27,9 @@ const PRUNE_PERIOD: Duration = Duration::from_secs(1);
 /// millisecond or so at most. While a chunk comes back full there is a backlog, and another chunk
 /// follows every batch until it is gone: pruning keeps up with any rate the engine commits keys at.
 const PRUNE_ROWS_MAX: u32 = 2_000;
+/// Most holds expired in one batch of the sweeper (which runs with the pruning, once a second, and
+/// after every batch while it comes back full), so that it holds up the next batch by one commit.
+pub(super) const HOLD_SWEEP_MAX: usize = 1_000;
 
 /// Runs until the queue is closed (every sender dropped) and empty, so that shutdown commits and
 /// answers everything that was accepted.
@@ -46,7 +49,9 @@ pub(super) fn run<S: Store>(
             Err(flume::RecvTimeoutError::Disconnected) => return write_back_all(&ledger),
         };
         if backlog || pruned_at.elapsed() >= PRUNE_PERIOD {
-            backlog = prune(&ledger, limits.idempotency_retention) == PRUNE_ROWS_MAX as usize;
+            let keys_left = prune(&ledger, limits.idempotency_retention) == PRUNE_ROWS_MAX as usize;
+            let holds_left = sweep_holds(&ledger) == HOLD_SWEEP_MAX;
+            backlog = keys_left || holds_left;
             pruned_at = Instant::now();
         }
         let Some(first) = first else {
@@ -121,6 +126,16 @@ fn write_back_all<S: Store>(ledger: &Mutex<Ledger<S>>) {
     if let Err(error) = ledger.write_back_all() {
         tracing::warn!(%error, "writing balances back at the stop failed; the next start replays the journal");
     }
+}
+
+/// Expires one batch of the holds whose time is up; returns how many.
+fn sweep_holds<S: Store>(ledger: &Mutex<Ledger<S>>) -> usize {
+    let Ok(mut ledger) = ledger.lock() else { return 0 };
+    let expired = ledger.expire_due(crate::unix_ms_now(), HOLD_SWEEP_MAX);
+    if expired > 0 {
+        tracing::debug!(holds = expired, "expired holds");
+    }
+    expired
 }
 
 /// Deletes one chunk of idempotency records older than the retention; returns how many.

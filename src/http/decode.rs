@@ -8,8 +8,9 @@ use serde_json::value::RawValue;
 
 use super::error::{ApiError, ErrorCode};
 use crate::domain::{
-    Amount, CardNumber, IdempotencyKey, InvalidField, OpenAccountRequest, PositiveAmount, Reference,
-    TransactionRequest, TransferRequest,
+    Amount, BatchItem, CaptureRequest, CardNumber, HoldRequest, IdempotencyKey, InvalidField,
+    OpenAccountRequest, PositiveAmount, Reference, SetLimitRequest, TransactionRequest, TransferRequest,
+    VoidRequest, HOLD_EXPIRY_S_MAX, OVERDRAFT_LIMIT_MAX,
 };
 
 /// The body as JSON, before its values are checked. Fields are kept as their raw JSON text so that
@@ -42,6 +43,65 @@ struct RawTransfer<'a> {
 struct RawAccount<'a> {
     #[serde(borrow)]
     card_number: &'a RawValue,
+    #[serde(borrow, default)]
+    overdraft_limit: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimit<'a> {
+    #[serde(borrow)]
+    overdraft_limit: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHold<'a> {
+    #[serde(borrow)]
+    card_number: &'a RawValue,
+    #[serde(borrow)]
+    amount: &'a RawValue,
+    #[serde(borrow, default)]
+    destination: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    expires_in_s: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    reference: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCapture<'a> {
+    #[serde(borrow, default)]
+    amount: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVoid {}
+
+/// A capture or a void as an item of a batch: the hold is named in the item, not the path.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCaptureItem<'a> {
+    #[serde(borrow)]
+    hold_id: &'a RawValue,
+    #[serde(borrow, default)]
+    amount: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVoidItem<'a> {
+    #[serde(borrow)]
+    hold_id: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch<'a> {
+    #[serde(borrow)]
+    items: Vec<&'a RawValue>,
 }
 
 /// Decodes and validates a `POST /transaction` body.
@@ -84,7 +144,219 @@ pub fn open_account(body: &[u8]) -> Result<OpenAccountRequest, ApiError> {
     let raw: RawAccount = object(body, "card_number")?;
     Ok(OpenAccountRequest {
         card: card_number(raw.card_number, "card_number")?,
+        overdraft_limit: match raw.overdraft_limit {
+            None => 0,
+            Some(raw) => overdraft_limit(raw)?,
+        },
     })
+}
+
+/// Decodes and validates a `PATCH /accounts/{card}` body, for the card in the path.
+pub fn set_limit(card: &str, body: &[u8]) -> Result<SetLimitRequest, ApiError> {
+    let card = card_parameter(card, Part::Path)?;
+    let raw: RawLimit = object(body, "overdraft_limit")?;
+    Ok(SetLimitRequest {
+        card,
+        overdraft_limit: overdraft_limit(raw.overdraft_limit)?,
+    })
+}
+
+/// Decodes and validates a `POST /holds` body; a hold without `expires_in_s` lasts
+/// `default_expiry_s`.
+pub fn hold(body: &[u8], default_expiry_s: i64) -> Result<HoldRequest, ApiError> {
+    let raw: RawHold = object(body, "card_number and amount")?;
+    let card = card_number(raw.card_number, "card_number")?;
+    let amount = positive_amount(raw.amount)
+        .map_err(|error| ApiError::new(ErrorCode::InvalidAmount, error.to_string()))?;
+    let destination = match raw.destination {
+        None => None,
+        Some(raw) if raw.get() == "null" => None,
+        Some(raw) => Some(card_number(raw, "destination")?),
+    };
+    if destination.as_ref() == Some(&card) {
+        return Err(ApiError::new(
+            ErrorCode::SameAccount,
+            "the destination is the held card itself",
+        ));
+    }
+    let expires_in_s = match raw.expires_in_s {
+        None => default_expiry_s,
+        Some(raw) => integer_literal(raw)
+            .filter(|s| (1..=HOLD_EXPIRY_S_MAX).contains(s))
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidExpiry,
+                    format!("expires_in_s must be an integer number of seconds from 1 to {HOLD_EXPIRY_S_MAX} (30 days)"),
+                )
+            })?,
+    };
+    Ok(HoldRequest {
+        card,
+        amount,
+        destination,
+        expires_in_s,
+        reference: optional_reference(raw.reference)?,
+    })
+}
+
+/// Decodes a `POST /holds/{id}/capture`: the hold in the path, an optional `amount` in the body
+/// (which may be empty: all of the hold).
+pub fn capture(id: &str, body: &[u8]) -> Result<CaptureRequest, ApiError> {
+    let hold_id = id_parameter("the hold id", id)?;
+    let raw: RawCapture = object(or_empty_object(body), "an optional amount")?;
+    Ok(CaptureRequest {
+        hold_id,
+        amount: capture_amount(raw.amount)?,
+    })
+}
+
+/// Decodes a `POST /holds/{id}/void`: the hold in the path; the body is empty or `{}`.
+pub fn void(id: &str, body: &[u8]) -> Result<VoidRequest, ApiError> {
+    let hold_id = id_parameter("the hold id", id)?;
+    let _: RawVoid = object(or_empty_object(body), "no fields")?;
+    Ok(VoidRequest { hold_id })
+}
+
+/// Decodes a `POST /batches` body: 1 to `items_max` items, each an object with a `type` and the
+/// fields of that type's route. A malformed item refuses the whole batch, naming its index.
+pub fn batch(body: &[u8], default_expiry_s: i64, items_max: usize) -> Result<Vec<BatchItem>, ApiError> {
+    let raw: RawBatch = object(body, "items")?;
+    if raw.items.is_empty() || raw.items.len() > items_max {
+        return Err(ApiError::new(
+            ErrorCode::InvalidBatch,
+            format!(
+                "items must hold 1 to {items_max} items; this one has {}",
+                raw.items.len()
+            ),
+        ));
+    }
+    raw.items
+        .iter()
+        .enumerate()
+        .map(|(index, item)| {
+            batch_item(item, default_expiry_s).map_err(|mut error| {
+                error.message = format!("items[{index}]: {}", error.message);
+                error
+            })
+        })
+        .collect()
+}
+
+fn batch_item(raw: &RawValue, default_expiry_s: i64) -> Result<BatchItem, ApiError> {
+    let invalid = |message: &str| ApiError::new(ErrorCode::InvalidBatch, message.to_owned());
+    let fields = match serde_json::from_str::<Fields>(raw.get()) {
+        Ok(fields) => fields.0,
+        Err(_) => return Err(invalid("an item must be a JSON object with a type")),
+    };
+    let mut kind = None;
+    let mut rest = Vec::with_capacity(fields.len());
+    for (name, value) in fields {
+        if name == "type" {
+            if kind.is_some() {
+                return Err(ApiError::new(ErrorCode::DuplicateField, "duplicate field `type`"));
+            }
+            kind = Some(value);
+        } else {
+            // The name re-encoded, the value as it was written: the item's own decoder sees
+            // exactly what the client sent, less its type.
+            rest.push(format!("{}:{}", serde_json::Value::from(name), value.get()));
+        }
+    }
+    let Some(kind) = kind else {
+        return Err(ApiError::new(ErrorCode::MissingField, "missing field `type`"));
+    };
+    let body = format!("{{{}}}", rest.join(","));
+    let body = body.as_bytes();
+    Ok(match kind.get() {
+        r#""transaction""# => BatchItem::Transaction(transaction(body)?),
+        r#""transfer""# => BatchItem::Transfer(transfer(body)?),
+        r#""hold""# => BatchItem::Hold(hold(body, default_expiry_s)?),
+        r#""capture""# => {
+            let raw: RawCaptureItem = object(body, "hold_id and an optional amount")?;
+            BatchItem::Capture(CaptureRequest {
+                hold_id: hold_id(raw.hold_id)?,
+                amount: capture_amount(raw.amount)?,
+            })
+        }
+        r#""void""# => {
+            let raw: RawVoidItem = object(body, "hold_id")?;
+            BatchItem::Void(VoidRequest {
+                hold_id: hold_id(raw.hold_id)?,
+            })
+        }
+        _ => {
+            return Err(invalid(
+                "type must be one of \"transfer\", \"transaction\", \"hold\", \"capture\", \"void\"",
+            ))
+        }
+    })
+}
+
+/// A JSON object's fields in order, duplicates kept (so that the item's decoder refuses them).
+struct Fields<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = Fields<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut fields = Vec::new();
+                while let Some(entry) = map.next_entry::<String, &'de RawValue>()? {
+                    fields.push(entry);
+                }
+                Ok(Fields(fields))
+            }
+        }
+        deserializer.deserialize_map(Visitor(std::marker::PhantomData))
+    }
+}
+
+fn hold_id(raw: &RawValue) -> Result<i64, ApiError> {
+    integer_literal(raw)
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidParameter, "hold_id must be a positive integer"))
+}
+
+fn capture_amount(raw: Option<&RawValue>) -> Result<Option<PositiveAmount>, ApiError> {
+    match raw {
+        None => Ok(None),
+        Some(raw) if raw.get() == "null" => Ok(None),
+        Some(raw) => positive_amount(raw)
+            .map(Some)
+            .map_err(|error| ApiError::new(ErrorCode::InvalidAmount, error.to_string())),
+    }
+}
+
+fn overdraft_limit(raw: &RawValue) -> Result<i64, ApiError> {
+    integer_literal(raw)
+        .filter(|limit| (0..=OVERDRAFT_LIMIT_MAX).contains(limit))
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidLimit,
+                format!("overdraft_limit must be an integer number of minor units from 0 to {OVERDRAFT_LIMIT_MAX}"),
+            )
+        })
+}
+
+fn optional_reference(raw: Option<&RawValue>) -> Result<Option<Reference>, ApiError> {
+    match raw {
+        None => Ok(None),
+        Some(raw) if raw.get() == "null" => Ok(None),
+        Some(raw) => reference(raw).map(Some),
+    }
+}
+
+/// An empty body stands for `{}` where every field is optional.
+fn or_empty_object(body: &[u8]) -> &[u8] {
+    if body.trim_ascii().is_empty() {
+        b"{}"
+    } else {
+        body
+    }
 }
 
 /// The `Idempotency-Key` header, if present.

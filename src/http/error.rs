@@ -14,8 +14,9 @@ use serde_json::json;
 
 use crate::analytics::OutcomeLabel;
 use crate::config::limits;
-use crate::domain::Command;
+use crate::domain::{BatchItem, Command};
 use crate::engine::{Outcome, Refusal, SubmitError};
+use crate::store::{Hold, HoldStatus};
 
 pub type HttpResponse = Response<Full<Bytes>>;
 
@@ -62,11 +63,25 @@ pub enum ErrorCode {
     Forbidden,
     /// The caller's rate limit is spent; nothing was read or queued.
     RateLimited,
+    InvalidExpiry,
+    InvalidLimit,
+    /// `POST /batches` with no items, too many, or an item that is not an object of a known type.
+    InvalidBatch,
+    HoldNotFound,
+    HoldCaptured,
+    HoldVoided,
+    HoldExpired,
+    CaptureExceedsHold,
+    LimitBelowUsage,
+    /// One item of an all-or-nothing batch was refused; nothing of the batch took effect.
+    BatchFailed,
+    /// In a failed batch's results: this item was not the one refused, and did not take effect.
+    LinkedItemFailed,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order: what `docs/openapi.json` must list (its test compares).
-    pub const ALL: [ErrorCode; 30] = [
+    pub const ALL: [ErrorCode; 41] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidBody,
         ErrorCode::MissingField,
@@ -97,6 +112,17 @@ impl ErrorCode {
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
         ErrorCode::RateLimited,
+        ErrorCode::InvalidExpiry,
+        ErrorCode::InvalidLimit,
+        ErrorCode::InvalidBatch,
+        ErrorCode::HoldNotFound,
+        ErrorCode::HoldCaptured,
+        ErrorCode::HoldVoided,
+        ErrorCode::HoldExpired,
+        ErrorCode::CaptureExceedsHold,
+        ErrorCode::LimitBelowUsage,
+        ErrorCode::BatchFailed,
+        ErrorCode::LinkedItemFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -131,6 +157,17 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::InvalidExpiry => "invalid_expiry",
+            ErrorCode::InvalidLimit => "invalid_limit",
+            ErrorCode::InvalidBatch => "invalid_batch",
+            ErrorCode::HoldNotFound => "hold_not_found",
+            ErrorCode::HoldCaptured => "hold_captured",
+            ErrorCode::HoldVoided => "hold_voided",
+            ErrorCode::HoldExpired => "hold_expired",
+            ErrorCode::CaptureExceedsHold => "capture_exceeds_hold",
+            ErrorCode::LimitBelowUsage => "limit_below_usage",
+            ErrorCode::BatchFailed => "batch_failed",
+            ErrorCode::LinkedItemFailed => "linked_item_failed",
         }
     }
 
@@ -146,10 +183,15 @@ impl ErrorCode {
             | ErrorCode::InvalidReference
             | ErrorCode::SameAccount
             | ErrorCode::InvalidIdempotencyKey
-            | ErrorCode::InvalidParameter => StatusCode::BAD_REQUEST,
-            ErrorCode::CardNotFound | ErrorCode::TransactionNotFound | ErrorCode::NotFound => {
-                StatusCode::NOT_FOUND
-            }
+            | ErrorCode::InvalidParameter
+            | ErrorCode::InvalidExpiry
+            | ErrorCode::InvalidLimit
+            | ErrorCode::InvalidBatch => StatusCode::BAD_REQUEST,
+            ErrorCode::CardNotFound
+            | ErrorCode::TransactionNotFound
+            | ErrorCode::NotFound
+            | ErrorCode::HoldNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::HoldCaptured | ErrorCode::HoldVoided | ErrorCode::HoldExpired => StatusCode::CONFLICT,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
@@ -160,7 +202,11 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::InsufficientFunds
             | ErrorCode::BalanceLimitExceeded
-            | ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            | ErrorCode::IdempotencyKeyReused
+            | ErrorCode::CaptureExceedsHold
+            | ErrorCode::LimitBelowUsage
+            | ErrorCode::BatchFailed
+            | ErrorCode::LinkedItemFailed => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::QueueFull
             | ErrorCode::StorageUnavailable
@@ -201,7 +247,18 @@ impl ErrorCode {
             | ErrorCode::IdempotencyKeyReused
             | ErrorCode::Unauthorized
             | ErrorCode::Forbidden
-            | ErrorCode::RateLimited => OutcomeLabel::Rejected,
+            | ErrorCode::RateLimited
+            | ErrorCode::InvalidExpiry
+            | ErrorCode::InvalidLimit
+            | ErrorCode::InvalidBatch
+            | ErrorCode::HoldNotFound
+            | ErrorCode::HoldCaptured
+            | ErrorCode::HoldVoided
+            | ErrorCode::HoldExpired
+            | ErrorCode::CaptureExceedsHold
+            | ErrorCode::LimitBelowUsage
+            | ErrorCode::BatchFailed
+            | ErrorCode::LinkedItemFailed => OutcomeLabel::Rejected,
         }
     }
 }
@@ -221,6 +278,19 @@ pub struct ApiError {
     pub retry_after: Option<u32>,
     /// The `WWW-Authenticate` challenge, for `unauthorized` (and `forbidden`: which scope is needed).
     pub www_authenticate: Option<&'static str>,
+    /// What holds and batches add; boxed, as most errors have none of it.
+    pub detail: Option<Box<ErrorDetail>>,
+}
+
+/// The parts of an error body that only holds, limits and batches have.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ErrorDetail {
+    /// What is available on the account, for `insufficient_funds` when it is not the balance.
+    pub available: Option<i64>,
+    /// The refused item's index, for `batch_failed`.
+    pub index: Option<usize>,
+    /// One result per item, for `batch_failed` (beside `error` in the body).
+    pub results: Option<Vec<serde_json::Value>>,
 }
 
 impl ApiError {
@@ -233,6 +303,7 @@ impl ApiError {
             allow: None,
             retry_after: None,
             www_authenticate: None,
+            detail: None,
         }
     }
 
@@ -270,7 +341,17 @@ impl ApiError {
         if let Some(card) = &self.card_number {
             error["card_number"] = card.as_str().into();
         }
-        to_json(&json!({ "error": error }))
+        let detail = self.detail.as_deref().cloned().unwrap_or_default();
+        if let Some(available) = detail.available {
+            error["available"] = available.into();
+        }
+        if let Some(index) = detail.index {
+            error["index"] = index.into();
+        }
+        match &detail.results {
+            Some(results) => to_json(&json!({ "error": error, "results": results })),
+            None => to_json(&json!({ "error": error })),
+        }
     }
 
     pub fn into_response(self) -> HttpResponse {
@@ -343,6 +424,8 @@ struct Transferred<'a> {
 struct Opened<'a> {
     card_number: &'a str,
     balance: i64,
+    held: i64,
+    overdraft_limit: i64,
     available: i64,
     created_at_ms: i64,
 }
@@ -400,39 +483,206 @@ pub fn outcome_result(command: &Command, outcome: &Outcome) -> Result<(StatusCod
             to_json(&Opened {
                 card_number: request.card.as_str(),
                 balance: 0,
-                available: 0,
+                held: 0,
+                overdraft_limit: request.overdraft_limit,
+                available: request.overdraft_limit,
                 created_at_ms: *created_at_ms,
             }),
         )),
+        (
+            Outcome::Held {
+                hold,
+                balance,
+                available,
+            },
+            Command::PlaceHold(_) | Command::CaptureHold(_) | Command::VoidHold(_) | Command::ExpireHold(_),
+        ) => Ok((
+            StatusCode::OK,
+            to_json(&HoldAnswer {
+                hold,
+                balance: *balance,
+                available: *available,
+            }),
+        )),
+        (
+            Outcome::LimitSet {
+                balance,
+                credit,
+                available,
+            },
+            Command::SetLimit(request),
+        ) => Ok((
+            StatusCode::OK,
+            to_json(&json!({
+                "card_number": request.card.as_str(),
+                "balance": balance,
+                "held": credit.held,
+                "overdraft_limit": credit.overdraft_limit,
+                "available": available,
+            })),
+        )),
+        (Outcome::Batch(outcomes), Command::Batch(items)) if outcomes.len() == items.len() => {
+            let mut results = Vec::with_capacity(items.len());
+            for (index, (item, outcome)) in items.iter().zip(outcomes).enumerate() {
+                let (_, body) = outcome_result(&item.command(), outcome)?;
+                let mut result: serde_json::Value =
+                    serde_json::from_slice(&body).unwrap_or_else(|_| json!({}));
+                result["index"] = index.into();
+                result["type"] = item.type_name().into();
+                results.push(result);
+            }
+            Ok((
+                StatusCode::OK,
+                to_json(&json!({ "status": "committed", "results": results })),
+            ))
+        }
+        (Outcome::Refused(Refusal::BatchFailed { index, refusal }), Command::Batch(items)) => {
+            Err(batch_failed(items, *index, refusal))
+        }
         (Outcome::Refused(refusal), _) => Err(refusal_error(command, refusal)),
         (Outcome::StorageFailed, _) => Err(ApiError::storage_unavailable()),
         // A success of one kind for a command of another: a bug in the engine, never a silent 200.
-        (Outcome::Posted { .. } | Outcome::Transferred { .. } | Outcome::Opened { .. }, _) => {
+        (
+            Outcome::Posted { .. }
+            | Outcome::Transferred { .. }
+            | Outcome::Opened { .. }
+            | Outcome::Held { .. }
+            | Outcome::LimitSet { .. }
+            | Outcome::Batch(_),
+            _,
+        ) => {
             tracing::error!(?outcome, ?command, "an outcome that does not fit its command");
             Err(ApiError::new(ErrorCode::Internal, "internal error"))
         }
     }
 }
 
+/// The answer of `POST /holds`, a capture and a void: the hold, with its card's balance and
+/// what is available on it now.
+#[derive(Debug, Serialize)]
+struct HoldAnswer<'a> {
+    #[serde(flatten)]
+    hold: &'a Hold,
+    balance: i64,
+    available: i64,
+}
+
+/// A refused all-or-nothing batch: the refused item's own error, and `linked_item_failed` for every
+/// other item (none of them took effect).
+fn batch_failed(items: &[BatchItem], index: usize, refusal: &Refusal) -> ApiError {
+    let cause = items.get(index).map_or_else(
+        || ApiError::new(ErrorCode::Internal, "internal error"),
+        |item| refusal_error(&item.command(), refusal),
+    );
+    let results = (0..items.len())
+        .map(|at| {
+            let error = if at == index {
+                serde_json::from_slice::<serde_json::Value>(&cause.body())
+                    .map(|body| body["error"].clone())
+                    .unwrap_or_default()
+            } else {
+                json!({
+                    "code": ErrorCode::LinkedItemFailed.as_str(),
+                    "message": format!("item {index} was refused, so this item did not take effect"),
+                })
+            };
+            json!({ "index": at, "error": error })
+        })
+        .collect();
+    let mut error = ApiError::new(
+        ErrorCode::BatchFailed,
+        format!(
+            "item {index} was refused ({}: {}); nothing of the batch was changed",
+            cause.code.as_str(),
+            cause.message
+        ),
+    );
+    error.detail = Some(Box::new(ErrorDetail {
+        index: Some(index),
+        results: Some(results),
+        ..ErrorDetail::default()
+    }));
+    error
+}
+
 fn refusal_error(command: &Command, refusal: &Refusal) -> ApiError {
     match refusal {
-        Refusal::InsufficientFunds { balance } => {
-            let amount = match command {
-                Command::Transaction(request) => request.amount.minor_units().unsigned_abs(),
-                Command::Transfer(request) => request.amount.minor_units().unsigned_abs(),
-                Command::OpenAccount(_) => 0,
+        Refusal::InsufficientFunds { balance, available } => {
+            let (what, amount) = match command {
+                Command::Transaction(request) => ("withdrawal", request.amount.minor_units().unsigned_abs()),
+                Command::Transfer(request) => ("transfer", request.amount.minor_units().unsigned_abs()),
+                Command::PlaceHold(request) => ("hold", request.amount.minor_units().unsigned_abs()),
+                _ => ("debit", 0),
             };
-            let what = match command {
-                Command::Transfer(_) => "transfer",
-                _ => "withdrawal",
+            // An account with no hold and no limit is answered as before holds existed.
+            let message = if available == balance {
+                format!("the {what} of {amount} exceeds the balance of {balance}; nothing was changed")
+            } else {
+                format!(
+                    "the {what} of {amount} exceeds the {available} available (the balance of {balance}, \
+                     less what is held, plus the overdraft limit); nothing was changed"
+                )
+            };
+            let mut error = ApiError::new(ErrorCode::InsufficientFunds, message);
+            error.balance = Some(*balance);
+            if available != balance {
+                error.detail = Some(Box::new(ErrorDetail {
+                    available: Some(*available),
+                    ..ErrorDetail::default()
+                }));
+            }
+            error
+        }
+        Refusal::HoldNotFound { id } => {
+            ApiError::new(ErrorCode::HoldNotFound, format!("no hold has id {id}"))
+        }
+        Refusal::HoldResolved { id, status } => {
+            let code = match status {
+                HoldStatus::Captured => ErrorCode::HoldCaptured,
+                HoldStatus::Voided => ErrorCode::HoldVoided,
+                HoldStatus::Expired | HoldStatus::Pending => ErrorCode::HoldExpired,
+            };
+            let message = match status {
+                HoldStatus::Expired | HoldStatus::Pending => {
+                    format!("hold {id} has expired and its funds are released; nothing was changed")
+                }
+                _ => format!(
+                    "hold {id} was {} already; a hold is resolved once, nothing was changed",
+                    status.as_str()
+                ),
+            };
+            ApiError::new(code, message)
+        }
+        Refusal::CaptureExceedsHold { held } => {
+            let amount = match command {
+                Command::CaptureHold(request) => request.amount.map_or(0, |a| a.minor_units()),
+                _ => 0,
+            };
+            ApiError::new(
+                ErrorCode::CaptureExceedsHold,
+                format!("the capture of {amount} exceeds the {held} held; nothing was changed"),
+            )
+        }
+        Refusal::LimitBelowUsage { balance, held } => {
+            let limit = match command {
+                Command::SetLimit(request) => request.overdraft_limit,
+                _ => 0,
             };
             let mut error = ApiError::new(
-                ErrorCode::InsufficientFunds,
-                format!("the {what} of {amount} exceeds the balance of {balance}; nothing was changed"),
+                ErrorCode::LimitBelowUsage,
+                format!(
+                    "the account's balance of {balance} with {held} held needs an overdraft limit of at \
+                     least {}; {limit} is below it, nothing was changed",
+                    i128::from(*held) - i128::from(*balance)
+                ),
             );
             error.balance = Some(*balance);
             error
         }
+        Refusal::BatchFailed { index, refusal } => match command {
+            Command::Batch(items) => batch_failed(items, *index, refusal),
+            _ => refusal_error(command, refusal),
+        },
         Refusal::CardNotFound { card } => {
             let mut error = ApiError::new(
                 ErrorCode::CardNotFound,
@@ -527,6 +777,17 @@ mod tests {
             ErrorCode::Unauthorized => 27,
             ErrorCode::Forbidden => 28,
             ErrorCode::RateLimited => 29,
+            ErrorCode::InvalidExpiry => 30,
+            ErrorCode::InvalidLimit => 31,
+            ErrorCode::InvalidBatch => 32,
+            ErrorCode::HoldNotFound => 33,
+            ErrorCode::HoldCaptured => 34,
+            ErrorCode::HoldVoided => 35,
+            ErrorCode::HoldExpired => 36,
+            ErrorCode::CaptureExceedsHold => 37,
+            ErrorCode::LimitBelowUsage => 38,
+            ErrorCode::BatchFailed => 39,
+            ErrorCode::LinkedItemFailed => 40,
         }
     }
 

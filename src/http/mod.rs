@@ -41,4 +41,8 @@ pub struct App {
     pub limiter: Option<Limiter>,
     /// Serve /metrics, /stats and the live page without a key.
     pub metrics_public: bool,
+    /// A hold's life when its request gives none, in seconds.
+    pub hold_expiry_s: i64,
+    /// Most items in one `POST /batches`.
+    pub batch_items_max: usize,
 }

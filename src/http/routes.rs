@@ -21,8 +21,8 @@ use crate::analytics::OutcomeLabel;
 use crate::auth::keys::Scope;
 use crate::auth::{Caller, IdempotencyScopes};
 use crate::domain::{CardNumber, Command, Kind, MONEY_SCOPES};
-use crate::engine::Outcome;
-use crate::store::{AccountState, AccountView, Reader, StoreError};
+use crate::engine::{ledger, Outcome};
+use crate::store::{AccountState, AccountView, HoldStatus, Reader, StoreError};
 use crate::telemetry;
 
 /// The live page, compiled into the binary so that it needs no files and no network.
@@ -50,10 +50,16 @@ pub(super) enum Route {
     Readyz,
     Dashboard,
     OpenApi,
+    Holds,
+    HoldById,
+    HoldCapture,
+    HoldVoid,
+    AccountHolds,
+    Batches,
 }
 
 impl Route {
-    pub(super) const ALL: [Route; 14] = [
+    pub(super) const ALL: [Route; 20] = [
         Route::Transaction,
         Route::Transfers,
         Route::Accounts,
@@ -68,6 +74,12 @@ impl Route {
         Route::Readyz,
         Route::Dashboard,
         Route::OpenApi,
+        Route::Holds,
+        Route::HoldById,
+        Route::HoldCapture,
+        Route::HoldVoid,
+        Route::AccountHolds,
+        Route::Batches,
     ];
 
     /// The route's pattern: how `matchit` matches it and how `tallyd_http_requests_total` labels it.
@@ -87,25 +99,40 @@ impl Route {
             Route::Readyz => "/readyz",
             Route::Dashboard => "/",
             Route::OpenApi => "/openapi.json",
+            Route::Holds => "/holds",
+            Route::HoldById => "/holds/{id}",
+            Route::HoldCapture => "/holds/{id}/capture",
+            Route::HoldVoid => "/holds/{id}/void",
+            Route::AccountHolds => "/accounts/{card}/holds",
+            Route::Batches => "/batches",
         }
     }
 
-    /// The label of a `POST` route, from its path.
-    fn of_post(path: &str) -> &'static str {
-        [Route::Transaction, Route::Transfers, Route::Accounts]
-            .into_iter()
-            .find(|route| route.pattern() == path)
-            .map_or("other", Route::pattern)
+    pub(super) fn is_post(self) -> bool {
+        matches!(
+            self,
+            Route::Transaction
+                | Route::Transfers
+                | Route::Accounts
+                | Route::Holds
+                | Route::HoldCapture
+                | Route::HoldVoid
+                | Route::Batches
+        )
     }
 
-    pub(super) fn is_post(self) -> bool {
-        matches!(self, Route::Transaction | Route::Transfers | Route::Accounts)
+    /// The methods this route accepts besides `GET` and `HEAD` or `POST`: an account's limits are
+    /// changed with `PATCH` on the account.
+    pub(super) fn also_patch(self) -> bool {
+        self == Route::Account
     }
 
     /// The methods this route accepts, as an `Allow` header says them.
     fn allow(self) -> &'static str {
         if self.is_post() {
             "POST"
+        } else if self.also_patch() {
+            "GET, HEAD, PATCH"
         } else {
             "GET, HEAD"
         }
@@ -115,18 +142,28 @@ impl Route {
     /// are for probes, which carry no key; `/openapi.json` describes the API and holds no data,
     /// and a client needs it before it has a key; the observability routes are public only when
     /// the operator says so (`--metrics-public`), since they show volumes and balances.
-    fn needed_scope(self, metrics_public: bool) -> Option<Scope> {
+    /// Changing an account's limit (`PATCH /accounts/{card}`) needs `admin`.
+    fn needed_scope(self, method: &Method, metrics_public: bool) -> Option<Scope> {
         match self {
             Route::Healthz | Route::Readyz | Route::OpenApi => None,
             Route::Metrics | Route::Stats | Route::Dashboard if metrics_public => None,
-            Route::Transaction | Route::Transfers | Route::Accounts => Some(Scope::Write),
+            Route::Account if method == Method::PATCH => Some(Scope::Admin),
+            Route::Transaction
+            | Route::Transfers
+            | Route::Accounts
+            | Route::Holds
+            | Route::HoldCapture
+            | Route::HoldVoid
+            | Route::Batches => Some(Scope::Write),
             Route::Metrics
             | Route::Stats
             | Route::Dashboard
             | Route::Account
             | Route::AccountEntries
+            | Route::AccountHolds
             | Route::Transactions
             | Route::TransactionById
+            | Route::HoldById
             | Route::Balance => Some(Scope::Read),
         }
     }
@@ -135,7 +172,7 @@ impl Route {
         if self.is_post() {
             method == Method::POST
         } else {
-            method == Method::GET || method == Method::HEAD
+            method == Method::GET || method == Method::HEAD || (self.also_patch() && method == Method::PATCH)
         }
     }
 }
@@ -167,7 +204,9 @@ where
     let matched = router().at(&path).ok();
     let route = matched.as_ref().map(|m| *m.value);
     // An unknown path needs a key like any route, so that a caller without one cannot map the API.
-    let needed = route.map_or(Some(Scope::Read), |route| route.needed_scope(app.metrics_public));
+    let needed = route.map_or(Some(Scope::Read), |route| {
+        route.needed_scope(request.method(), app.metrics_public)
+    });
     let (identity, caller) = match needed {
         None => (None, Caller::Anonymous),
         Some(needed) => match admit(&app, &peer, request.headers(), needed) {
@@ -215,6 +254,43 @@ where
             })
             .await
         }
+        Some(Route::Account) if request.method() == Method::PATCH => {
+            let card = param("card");
+            post(&app, request, scopes, |body| {
+                decode::set_limit(&card, body).map(Command::SetLimit)
+            })
+            .await
+        }
+        Some(Route::Holds) => {
+            let expiry = app.hold_expiry_s;
+            post(&app, request, scopes, |body| {
+                decode::hold(body, expiry).map(Command::PlaceHold)
+            })
+            .await
+        }
+        Some(Route::HoldCapture) => {
+            let id = param("id");
+            post(&app, request, scopes, |body| {
+                decode::capture(&id, body).map(Command::CaptureHold)
+            })
+            .await
+        }
+        Some(Route::HoldVoid) => {
+            let id = param("id");
+            post(&app, request, scopes, |body| {
+                decode::void(&id, body).map(Command::VoidHold)
+            })
+            .await
+        }
+        Some(Route::Batches) => {
+            let (expiry, items_max) = (app.hold_expiry_s, app.batch_items_max);
+            post(&app, request, scopes, |body| {
+                decode::batch(body, expiry, items_max).map(Command::Batch)
+            })
+            .await
+        }
+        Some(Route::HoldById) => hold_by_id(&app, &param("id")).await,
+        Some(Route::AccountHolds) => account_holds(&app, &param("card"), query).await,
         Some(Route::Account) => account(&app, &param("card")).await,
         Some(Route::AccountEntries) => entries(&app, &param("card"), query).await,
         Some(Route::Transactions) => {
@@ -269,7 +345,10 @@ where
     let started = Instant::now();
     let mut kind = "unknown";
     let mut replayed = false;
-    let route = request.uri().path().to_owned();
+    // The route's pattern, for the metrics (a hold's id must not become a label).
+    let post_label = router()
+        .at(request.uri().path())
+        .map_or("other", |matched| matched.value.pattern());
     let result = async {
         let mut keys = request.headers().get_all("idempotency-key").iter();
         let key = keys.next().map(HeaderValue::as_bytes);
@@ -286,7 +365,11 @@ where
         kind = match &command {
             Command::Transaction(transaction) => transaction.amount.kind().as_str(),
             Command::Transfer(_) => Kind::Transfer.as_str(),
-            Command::OpenAccount(_) => "account",
+            Command::OpenAccount(_) | Command::SetLimit(_) => "account",
+            Command::PlaceHold(_) => "hold",
+            Command::CaptureHold(_) => "capture",
+            Command::VoidHold(_) | Command::ExpireHold(_) => "void",
+            Command::Batch(_) => "batch",
         };
         // Idempotency keys are scoped per API key as well as per route: two callers never share
         // (or replay) each other's answers. Without keys the scope is the route, as before.
@@ -315,8 +398,9 @@ where
     };
     if replayed {
         // A replay moved nothing: it is counted apart, never as a commit or a refusal.
-        telemetry::record_replay(Route::of_post(&route));
-    } else if route != "/accounts" {
+        telemetry::record_replay(post_label);
+    } else if matches!(post_label, "/transaction" | "/transfers") {
+        // What moves money alone: holds and batches are counted by route in the HTTP counters.
         let latency = started.elapsed();
         app.analytics.record(label, latency);
         telemetry::record_transaction(kind, label, latency);
@@ -475,10 +559,13 @@ async fn account(app: &App, card: &str) -> HttpResponse {
         read(app, move |reader| reader.opened_at(&lookup))
             .await?
             .map(|created_at_ms| {
+                let credit = app.engine.credit(&card);
                 let account = AccountView {
                     card_number: card.as_str().to_owned(),
                     balance: head.balance,
-                    available: head.balance,
+                    held: credit.held,
+                    overdraft_limit: credit.overdraft_limit,
+                    available: ledger::available(head.balance, credit),
                     created_at_ms,
                 };
                 json_response(StatusCode::OK, &account)
@@ -489,25 +576,71 @@ async fn account(app: &App, card: &str) -> HttpResponse {
     result.unwrap_or_else(ApiError::into_response)
 }
 
+/// `GET /holds/{id}`.
+async fn hold_by_id(app: &App, id: &str) -> HttpResponse {
+    let result = async {
+        let id = decode::id_parameter("the hold id", id)?;
+        read(app, move |reader| reader.hold(id))
+            .await?
+            .map(|hold| json_response(StatusCode::OK, &hold))
+            .ok_or_else(|| ApiError::new(ErrorCode::HoldNotFound, format!("no hold has id {id}")))
+    }
+    .await;
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+/// `GET /accounts/{card}/holds?status=pending&limit=20&starting_after=ID`: newest first.
+async fn account_holds(app: &App, card: &str, query: Option<&str>) -> HttpResponse {
+    let result = async {
+        let card = decode::card_parameter(card, decode::Part::Path)?;
+        let limit = page_limit(query)?;
+        let cursor = query_value(query, "starting_after")?
+            .map(|text| decode::id_parameter("starting_after", text))
+            .transpose()?;
+        let status = query_value(query, "status")?
+            .map(|text| {
+                HoldStatus::parse(text).ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::InvalidParameter,
+                        "status must be pending, captured, voided or expired",
+                    )
+                })
+            })
+            .transpose()?;
+        if head(app, &card).await?.is_none() {
+            return Err(card_not_found(card.as_str()));
+        }
+        let page = read(app, move |reader| reader.holds(&card, status, limit, cursor)).await?;
+        Ok(json_response(StatusCode::OK, &page))
+    }
+    .await;
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+/// A page's `limit` query parameter, as statements and hold lists take it.
+fn page_limit(query: Option<&str>) -> Result<u32, ApiError> {
+    Ok(match query_value(query, "limit")? {
+        None => ENTRIES_LIMIT_DEFAULT,
+        Some(text) => {
+            let limit = decode::id_parameter("limit", text)
+                .ok()
+                .filter(|limit| *limit <= ENTRIES_LIMIT_MAX)
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::InvalidParameter,
+                        format!("limit must be an integer from 1 to {ENTRIES_LIMIT_MAX}"),
+                    )
+                })?;
+            limit as u32
+        }
+    })
+}
+
 /// `GET /accounts/{card}/entries?limit=20&starting_after=ID`: newest first.
 async fn entries(app: &App, card: &str, query: Option<&str>) -> HttpResponse {
     let result = async {
         let card = decode::card_parameter(card, decode::Part::Path)?;
-        let limit = match query_value(query, "limit")? {
-            None => ENTRIES_LIMIT_DEFAULT,
-            Some(text) => {
-                let limit = decode::id_parameter("limit", text)
-                    .ok()
-                    .filter(|limit| *limit <= ENTRIES_LIMIT_MAX)
-                    .ok_or_else(|| {
-                        ApiError::new(
-                            ErrorCode::InvalidParameter,
-                            format!("limit must be an integer from 1 to {ENTRIES_LIMIT_MAX}"),
-                        )
-                    })?;
-                limit as u32
-            }
-        };
+        let limit = page_limit(query)?;
         let cursor = query_value(query, "starting_after")?
             .map(|text| decode::id_parameter("starting_after", text))
             .transpose()?;

@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::{
-    AccountState, Batch, KeyName, LedgerState, PackedAccount, Store, StoreError, StoredAnswer, StoredKey,
-    TransactionRecord,
+    AccountState, Batch, CreditRow, Hold, HoldStatus, KeyName, LedgerState, PackedAccount, Store, StoreError,
+    StoredAnswer, StoredKey, TransactionRecord,
 };
 use crate::domain::{Account, CardKey, CardNumber};
 
@@ -30,6 +30,10 @@ pub struct MemoryStore {
     /// Set by a test that changes `rows` behind the ledger, as another writer would; cleared
     /// when the ledger loads.
     pub changed: bool,
+    /// Every hold by id, in its last committed state.
+    pub holds: BTreeMap<i64, Hold>,
+    /// The accounts' credit terms as last written.
+    pub credit: BTreeMap<CardNumber, CreditRow>,
 }
 
 impl MemoryStore {
@@ -101,6 +105,14 @@ impl Store for MemoryStore {
             next_transaction_id: self.transactions.last().map_or(1, |t| t.id + 1),
             next_key_id: self.idempotency.keys().next_back().map_or(1, |id| id + 1),
             checkpoint: self.checkpoint,
+            next_hold_id: self.holds.keys().next_back().map_or(1, |id| id + 1),
+            pending_holds: self
+                .holds
+                .values()
+                .filter(|hold| hold.status == HoldStatus::Pending)
+                .cloned()
+                .collect(),
+            credit: self.credit.values().cloned().collect(),
             ..LedgerState::default()
         };
         for (account, current) in self.current() {
@@ -141,8 +153,24 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    fn hold_statuses(&mut self, ids: &[i64]) -> Result<Vec<Option<HoldStatus>>, StoreError> {
+        Ok(ids
+            .iter()
+            .map(|id| self.holds.get(id).map(|hold| hold.status))
+            .collect())
+    }
+
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
         self.refuse()?;
+        for hold in &batch.holds {
+            if let Some(old) = self.holds.get(&hold.id) {
+                assert_eq!(old.status, HoldStatus::Pending, "a hold is resolved once");
+            }
+            self.holds.insert(hold.id, hold.clone());
+        }
+        for row in &batch.credit {
+            self.credit.insert(row.card.clone(), row.clone());
+        }
         for account in &batch.accounts {
             self.rows
                 .insert(Account::Card(account.card.clone()), AccountState::default());

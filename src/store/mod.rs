@@ -57,6 +57,93 @@ impl PackedAccount {
     }
 }
 
+/// An account's credit terms and reservations, kept only for accounts that have either (most
+/// have neither, and ten million of them must stay 24 bytes each).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Credit {
+    /// How far below zero the balance may go (0 to [`crate::domain::OVERDRAFT_LIMIT_MAX`]).
+    pub overdraft_limit: i64,
+    /// The sum of the account's pending holds.
+    pub held: i64,
+}
+
+impl Credit {
+    /// What may still be spent: `balance - held + overdraft_limit`. In i128, because the sum of
+    /// three i64 may not fit one.
+    pub fn available(self, balance: i64) -> i128 {
+        i128::from(balance) - i128::from(self.held) + i128::from(self.overdraft_limit)
+    }
+
+    pub fn is_none(self) -> bool {
+        self == Credit::default()
+    }
+}
+
+/// Where a hold is in its life: pending until it is resolved once, by a capture, a void or its
+/// expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldStatus {
+    Pending,
+    Captured,
+    Voided,
+    Expired,
+}
+
+impl HoldStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldStatus::Pending => "pending",
+            HoldStatus::Captured => "captured",
+            HoldStatus::Voided => "voided",
+            HoldStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            HoldStatus::Pending,
+            HoldStatus::Captured,
+            HoldStatus::Voided,
+            HoldStatus::Expired,
+        ]
+        .into_iter()
+        .find(|status| status.as_str() == text)
+    }
+}
+
+/// A hold: `amount` reserved on `card` for a later capture.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Hold {
+    pub id: i64,
+    #[serde(rename = "card_number")]
+    pub card: CardNumber,
+    /// The card a capture pays; `None`: the outside world.
+    pub destination: Option<CardNumber>,
+    pub amount: i64,
+    #[serde(serialize_with = "hold_status")]
+    pub status: HoldStatus,
+    /// What the capture posted (at most `amount`); set only when captured.
+    pub captured_amount: Option<i64>,
+    /// The transaction the capture produced.
+    pub transaction_id: Option<i64>,
+    pub reference: Option<Reference>,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    /// When it was captured, voided or expired.
+    pub resolved_at_ms: Option<i64>,
+}
+
+fn hold_status<S: serde::Serializer>(status: &HoldStatus, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(status.as_str())
+}
+
+/// An account's new credit terms, written by a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditRow {
+    pub card: CardNumber,
+    pub credit: Credit,
+}
+
 /// What the engine needs at start-up (and after a failed commit) to decide batches without reads.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LedgerState {
@@ -70,6 +157,12 @@ pub struct LedgerState {
     pub keys: Vec<KeyName>,
     /// The id the next idempotency record gets.
     pub next_key_id: i64,
+    /// The accounts with an overdraft limit or a pending hold.
+    pub credit: Vec<CreditRow>,
+    /// Every pending hold.
+    pub pending_holds: Vec<Hold>,
+    /// The id the next hold gets.
+    pub next_hold_id: i64,
     /// The outside world's: its balance is minus everything ever deposited net of withdrawals.
     pub world: AccountState,
     /// The id the next committed transaction gets (ids are assigned by the one writer, in order).
@@ -156,11 +249,20 @@ pub struct Batch {
     /// In id order.
     pub transactions: Vec<TransactionRecord>,
     pub idempotency: Vec<IdempotencyRecord>,
+    /// Holds placed or resolved, each in its state after the batch (a hold placed and captured in
+    /// one batch appears once, captured).
+    pub holds: Vec<Hold>,
+    /// Accounts whose limit or held amount changed, with their terms after the batch.
+    pub credit: Vec<CreditRow>,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.accounts.is_empty() && self.transactions.is_empty() && self.idempotency.is_empty()
+        self.accounts.is_empty()
+            && self.transactions.is_empty()
+            && self.idempotency.is_empty()
+            && self.holds.is_empty()
+            && self.credit.is_empty()
     }
 }
 
@@ -220,6 +322,10 @@ pub trait Store: Send + 'static {
     /// finds the ids in its own index of live keys and checks the names it gets back.
     fn idempotent_answers(&mut self, ids: &[i64]) -> Result<Vec<Option<StoredKey>>, StoreError>;
 
+    /// The status of the holds with these ids (`None` for an id no hold has), in the order asked:
+    /// the engine keeps only pending holds in memory, and asks for the others a batch names.
+    fn hold_statuses(&mut self, ids: &[i64]) -> Result<Vec<Option<HoldStatus>>, StoreError>;
+
     /// Writes the whole batch in one transaction and makes it durable as configured. All or
     /// nothing: on `Err` nothing changed (except for `OutcomeUnknown`, after which the caller
     /// re-reads the state). `Conflict` means another writer committed since our last commit.
@@ -245,9 +351,19 @@ pub trait Store: Send + 'static {
 pub struct AccountView {
     pub card_number: String,
     pub balance: i64,
-    /// What may be spent: the balance, until holds exist.
+    /// The sum of the account's pending holds.
+    pub held: i64,
+    pub overdraft_limit: i64,
+    /// What may be spent: `balance - held + overdraft_limit`.
     pub available: i64,
     pub created_at_ms: i64,
+}
+
+/// A page of an account's holds, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HoldsPage {
+    pub data: Vec<Hold>,
+    pub has_more: bool,
 }
 
 /// One leg as `GET /transactions/{id}` shows it.
@@ -332,4 +448,15 @@ pub trait Reader: Send + Sync + 'static {
         limit: u32,
         starting_after: Option<i64>,
     ) -> Result<Option<EntriesPage>, StoreError>;
+    /// A hold as committed; `None` without one of this id.
+    fn hold(&self, id: i64) -> Result<Option<Hold>, StoreError>;
+    /// Up to `limit` of `card`'s holds with ids below `starting_after` (newest first), only those
+    /// in `status` when given.
+    fn holds(
+        &self,
+        card: &CardNumber,
+        status: Option<HoldStatus>,
+        limit: u32,
+        starting_after: Option<i64>,
+    ) -> Result<HoldsPage, StoreError>;
 }

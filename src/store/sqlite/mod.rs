@@ -52,10 +52,11 @@ pub use verify::{verify, Check, CHECKS};
 
 use super::lock::WriterLock;
 use super::{
-    AccountState, Batch, KeyName, LedgerState, PackedAccount, Store, StoreError, StoredAnswer, StoredKey,
+    AccountState, Batch, Credit, CreditRow, Hold, HoldStatus, KeyName, LedgerState, PackedAccount, Store,
+    StoreError, StoredAnswer, StoredKey,
 };
 use crate::config::Durability;
-use crate::domain::{Account, CardKey, WORLD_ACCOUNT};
+use crate::domain::{Account, CardKey, CardNumber, Reference, WORLD_ACCOUNT};
 
 /// The seed accounts used when no `--seed` file is given.
 pub const BUILTIN_SEED: &str = include_str!("../../../users.db.sql");
@@ -114,6 +115,21 @@ const SELECT_ACCOUNTS_UP: &str =
     "SELECT name, balance, last_transaction_id FROM ledger_accounts ORDER BY name";
 const SELECT_ACCOUNTS_DOWN: &str =
     "SELECT name, balance, last_transaction_id FROM ledger_accounts ORDER BY name DESC";
+const SELECT_CREDIT: &str = "SELECT name, overdraft_limit, held FROM account_credit \
+     WHERE overdraft_limit <> 0 OR held <> 0";
+const UPSERT_CREDIT: &str = "INSERT INTO account_credit (name, overdraft_limit, held) VALUES (?1, ?2, ?3) \
+     ON CONFLICT (name) DO UPDATE SET overdraft_limit = excluded.overdraft_limit, held = excluded.held";
+/// The columns of a hold, in [`hold_from_row`]'s order.
+pub(super) const HOLD_COLUMNS: &str = "id, card_number, destination, amount, status, captured_amount, \
+     transaction_id, reference, created_at_ms, expires_at_ms, resolved_at_ms";
+const UPSERT_HOLD: &str =
+    "INSERT INTO holds (id, card_number, destination, amount, status, captured_amount, \
+     transaction_id, reference, created_at_ms, expires_at_ms, resolved_at_ms) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+     ON CONFLICT (id) DO UPDATE SET status = excluded.status, captured_amount = excluded.captured_amount, \
+     transaction_id = excluded.transaction_id, resolved_at_ms = excluded.resolved_at_ms";
+const SELECT_HOLD_STATUS: &str = "SELECT status FROM holds WHERE id = ?1";
+const SELECT_NEXT_HOLD_ID: &str = "SELECT coalesce(max(id), 0) + 1 FROM holds";
 const SELECT_NEXT_ID: &str = "SELECT coalesce(max(id), 0) + 1, \
      coalesce((SELECT created_at_ms FROM transactions ORDER BY id DESC LIMIT 1), 0) FROM transactions";
 
@@ -417,6 +433,30 @@ impl Store for SqliteStore {
             }
         }
         state.checkpoint = checkpoint;
+        state.next_hold_id = tx.query_row(SELECT_NEXT_HOLD_ID, [], |row| row.get(0))?;
+        {
+            let mut stmt = tx.prepare(SELECT_CREDIT)?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let name: String = row.get(0)?;
+                // A row of a name that is no card (edited by hand) has no account to apply to.
+                let Ok(card) = CardNumber::parse(&name) else {
+                    continue;
+                };
+                state.credit.push(CreditRow {
+                    card,
+                    credit: Credit {
+                        overdraft_limit: row.get(1)?,
+                        held: row.get(2)?,
+                    },
+                });
+            }
+            let mut stmt = tx.prepare(&format!(
+                "SELECT {HOLD_COLUMNS} FROM holds WHERE status = 'pending' ORDER BY id"
+            ))?;
+            let holds = stmt.query_map([], hold_from_row)?;
+            state.pending_holds = holds.collect::<rusqlite::Result<_>>()?;
+        }
         tx.commit()?;
         if !newer.is_empty() {
             tracing::info!(
@@ -457,6 +497,20 @@ impl Store for SqliteStore {
                     })
                     .optional()?;
                 found.push(record);
+            }
+        }
+        tx.commit()?;
+        Ok(found)
+    }
+
+    fn hold_statuses(&mut self, ids: &[i64]) -> Result<Vec<Option<HoldStatus>>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut found = Vec::with_capacity(ids.len());
+        {
+            let mut stmt = tx.prepare_cached(SELECT_HOLD_STATUS)?;
+            for id in ids {
+                let status: Option<String> = stmt.query_row([id], |row| row.get(0)).optional()?;
+                found.push(status.as_deref().and_then(HoldStatus::parse));
             }
         }
         tx.commit()?;
@@ -564,6 +618,40 @@ impl SqliteStore {
     }
 }
 
+/// A row of `holds` selected as [`HOLD_COLUMNS`].
+pub(super) fn hold_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Hold> {
+    let card = |at: usize| -> rusqlite::Result<Option<CardNumber>> {
+        let text: Option<String> = row.get(at)?;
+        text.map(|text| {
+            CardNumber::parse(&text).map_err(|error| {
+                rusqlite::Error::FromSqlConversionFailure(at, rusqlite::types::Type::Text, Box::new(error))
+            })
+        })
+        .transpose()
+    };
+    let status: String = row.get(4)?;
+    let reference: Option<String> = row.get(7)?;
+    Ok(Hold {
+        id: row.get(0)?,
+        card: card(1)?.ok_or(rusqlite::Error::InvalidColumnType(
+            1,
+            "card_number".into(),
+            rusqlite::types::Type::Null,
+        ))?,
+        destination: card(2)?,
+        amount: row.get(3)?,
+        status: HoldStatus::parse(&status).ok_or_else(|| {
+            rusqlite::Error::InvalidColumnType(4, "status".into(), rusqlite::types::Type::Text)
+        })?,
+        captured_amount: row.get(5)?,
+        transaction_id: row.get(6)?,
+        reference: reference.and_then(|text| Reference::new(text).ok()),
+        created_at_ms: row.get(8)?,
+        expires_at_ms: row.get(9)?,
+        resolved_at_ms: row.get(10)?,
+    })
+}
+
 fn finish(tx: rusqlite::Transaction<'_>) -> Result<(), StoreError> {
     tx.commit().map_err(|error| match error.sqlite_error_code() {
         // The frames may be in the WAL even though making them durable failed.
@@ -599,6 +687,34 @@ fn write_batch(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Resul
                 record.reference.as_ref().map(|r| r.as_str()),
                 record.idempotency_key.as_ref().map(|k| k.as_str()),
                 at,
+            ])?;
+        }
+    }
+    if !batch.holds.is_empty() {
+        let mut upsert = tx.prepare_cached(UPSERT_HOLD)?;
+        for hold in &batch.holds {
+            upsert.execute(params![
+                hold.id,
+                hold.card.as_str(),
+                hold.destination.as_ref().map(CardNumber::as_str),
+                hold.amount,
+                hold.status.as_str(),
+                hold.captured_amount,
+                hold.transaction_id,
+                hold.reference.as_ref().map(|r| r.as_str()),
+                hold.created_at_ms,
+                hold.expires_at_ms,
+                hold.resolved_at_ms,
+            ])?;
+        }
+    }
+    if !batch.credit.is_empty() {
+        let mut upsert = tx.prepare_cached(UPSERT_CREDIT)?;
+        for row in &batch.credit {
+            upsert.execute(params![
+                row.card.as_str(),
+                row.credit.overdraft_limit,
+                row.credit.held
             ])?;
         }
     }

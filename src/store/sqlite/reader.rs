@@ -6,9 +6,13 @@ use std::path::Path;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
+use super::{hold_from_row, HOLD_COLUMNS};
 use crate::config::limits;
 use crate::domain::{CardNumber, IdempotencyKey, Kind};
-use crate::store::{AccountState, EntriesPage, EntryView, LegView, Reader, StoreError, TransactionView};
+use crate::store::{
+    AccountState, EntriesPage, EntryView, Hold, HoldStatus, HoldsPage, LegView, Reader, StoreError,
+    TransactionView,
+};
 
 /// What never changes of an account: its opening balance and when it was opened. (Its balance and
 /// head are the engine's: the row may lag behind them.)
@@ -294,6 +298,44 @@ impl Reader for SqliteReader {
             let has_more = data.len() > limit as usize;
             data.truncate(limit as usize);
             Ok(Some(EntriesPage { data, has_more }))
+        })
+    }
+
+    fn hold(&self, id: i64) -> Result<Option<Hold>, StoreError> {
+        self.snapshot(|conn| {
+            conn.prepare_cached(&format!("SELECT {HOLD_COLUMNS} FROM holds WHERE id = ?1"))?
+                .query_row([id], hold_from_row)
+                .optional()
+        })
+    }
+
+    fn holds(
+        &self,
+        card: &CardNumber,
+        status: Option<HoldStatus>,
+        limit: u32,
+        starting_after: Option<i64>,
+    ) -> Result<HoldsPage, StoreError> {
+        self.snapshot(|conn| {
+            // The index (card_number, id) walks the card's holds newest first; a status filter
+            // reads past the others, which a card has few of.
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {HOLD_COLUMNS} FROM holds WHERE card_number = ?1 AND id < ?2 \
+                 AND (?3 IS NULL OR status = ?3) ORDER BY id DESC LIMIT ?4"
+            ))?;
+            let rows = stmt.query_map(
+                rusqlite::params![
+                    card.as_str(),
+                    starting_after.unwrap_or(i64::MAX),
+                    status.map(HoldStatus::as_str),
+                    i64::from(limit) + 1
+                ],
+                hold_from_row,
+            )?;
+            let mut data = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            let has_more = data.len() > limit as usize;
+            data.truncate(limit as usize);
+            Ok(HoldsPage { data, has_more })
         })
     }
 }

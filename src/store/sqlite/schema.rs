@@ -1,5 +1,5 @@
 //! What a database file holds, and making it the current schema: a new file is created and
-//! seeded, a version-1 or version-2 file is upgraded in place (in one transaction), and anything
+//! seeded, a file of versions 1 to 3 is upgraded in place (in one transaction), and anything
 //! else is refused untouched.
 
 use std::path::Path;
@@ -9,11 +9,20 @@ use rusqlite::{Connection, TransactionBehavior};
 use crate::store::StoreError;
 
 /// The schema this binary writes (`PRAGMA user_version`).
-pub const VERSION: i64 = 3;
+pub const VERSION: i64 = 4;
 
-pub(super) const SCHEMA: &str = include_str!("schema.sql");
+pub(super) const SCHEMA: &str = concat!(include_str!("schema.sql"), include_str!("holds.sql"));
 const MIGRATE_V1_TO_V2: &str = include_str!("migrate_v1_to_v2.sql");
 const MIGRATE_V2_TO_V3: &str = include_str!("migrate_v2_to_v3.sql");
+const HOLDS: &str = include_str!("holds.sql");
+
+/// The CHECKs of version 3 that kept every card at zero or above; an overdraft limit may take a
+/// balance below zero, so version 4 has none (tallyd decides, `tallyd verify` checks).
+const V3_NONNEGATIVE_CHECKS: [&str; 3] = [
+    "CHECK (balance >= 0 OR name = '@world')",
+    "CHECK (source_balance_after >= 0 OR source = '@world')",
+    "CHECK (destination_balance_after >= 0 OR destination = '@world')",
+];
 
 /// The first step of the version-1 upgrade: move the old tables out of the new names' way.
 const V1_SET_ASIDE: &str = "DROP TRIGGER journal_rows_are_immutable; \
@@ -41,6 +50,8 @@ enum Found {
     Version1,
     /// The ledger with balances written in every commit and idempotency keys in a B-tree.
     Version2,
+    /// The ledger before holds and credit limits.
+    Version3,
     Current,
     Newer(i64),
     /// Tables, but not tallyd's: another program's database.
@@ -61,6 +72,8 @@ fn inspect(conn: &Connection) -> Result<Found, StoreError> {
         Found::Empty
     } else if version == VERSION && has(&["ledger_accounts", "transactions", "entries", "idempotency_keys"]) {
         Found::Current
+    } else if version == 3 && has(&["ledger_accounts", "transactions", "entries", "idempotency_keys"]) {
+        Found::Version3
     } else if version == 2 && has(&["ledger_accounts", "transactions", "entries", "idempotency_keys"]) {
         Found::Version2
     } else if version == 1 && has(&["accounts", "journal"]) {
@@ -104,6 +117,7 @@ pub fn prepare(conn: &mut Connection, path: &Path, seed: Option<&Path>) -> Resul
         }
         Found::Version1 => upgrade_from_v1(conn, path),
         Found::Version2 => upgrade_from_v2(conn, path),
+        Found::Version3 => upgrade_from_v3(conn, path),
         Found::Newer(version) => Err(StoreError::Unusable(format!(
             "{db} has schema version {version}, newer than this tallyd's ({VERSION}); run a newer release"
         ))),
@@ -137,13 +151,62 @@ fn upgrade_from_v1(conn: &mut Connection, path: &Path) -> Result<(), StoreError>
     Ok(())
 }
 
-/// Version 2 to 3, in one transaction: the balance checkpoint is set at the last transaction
-/// (version 2 wrote every balance in its commit) and the idempotency records are appended anew.
+/// Version 2 to the current schema, in one transaction: the balance checkpoint is set at the last
+/// transaction (version 2 wrote every balance in its commit) and the idempotency records are
+/// appended anew; then as from version 3.
 fn upgrade_from_v2(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute_batch(MIGRATE_V2_TO_V3)?;
+    add_holds(&tx, path)?;
     tx.commit()?;
     tracing::info!(db = %path.display(), "upgraded the database from schema version 2 to {VERSION}");
+    Ok(())
+}
+
+/// Version 3 to 4, in one transaction: see [`add_holds`].
+fn upgrade_from_v3(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    add_holds(&tx, path)?;
+    tx.commit()?;
+    tracing::info!(db = %path.display(), "upgraded the database from schema version 3 to {VERSION}");
+    Ok(())
+}
+
+/// The tables of holds and credit limits, and the nonnegative CHECKs gone. Removing a CHECK
+/// changes nothing on disk, so it is done the way SQLite documents for that case (an edit of the
+/// table's text in `sqlite_schema`, with the schema version bumped) instead of copying tables of
+/// millions of rows.
+fn add_holds(tx: &rusqlite::Transaction<'_>, path: &Path) -> Result<(), StoreError> {
+    let schema_version: i64 = tx.query_row("PRAGMA schema_version", [], |row| row.get(0))?;
+    tx.execute_batch("PRAGMA writable_schema = ON")?;
+    let mut edit = String::from("sql");
+    for check in V3_NONNEGATIVE_CHECKS {
+        edit = format!("replace({edit}, '{}', '')", check.replace('\'', "''"));
+    }
+    let edited = tx.execute(
+        &format!("UPDATE sqlite_schema SET sql = {edit} WHERE type = 'table' AND name IN ('ledger_accounts', 'transactions')"),
+        [],
+    );
+    tx.execute_batch(&format!(
+        "PRAGMA schema_version = {}; PRAGMA writable_schema = OFF;",
+        schema_version + 1
+    ))?;
+    edited?;
+    let left: i64 = tx.query_row(
+        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' \
+         AND name IN ('ledger_accounts', 'transactions') \
+         AND (instr(sql, 'CHECK (balance >= 0') > 0 OR instr(sql, 'balance_after >= 0') > 0)",
+        [],
+        |row| row.get(0),
+    )?;
+    if left != 0 {
+        return Err(StoreError::Unusable(format!(
+            "{}: the accounts' CHECK constraints are not version 3's; it was not upgraded",
+            path.display()
+        )));
+    }
+    tx.execute_batch(HOLDS)?;
+    tx.execute_batch(&format!("PRAGMA user_version = {VERSION}"))?;
     Ok(())
 }
 
@@ -198,9 +261,9 @@ mod tests {
             "{error}"
         );
         assert_eq!(tables(&conn), before);
-        conn.execute_batch("DROP TABLE users; PRAGMA user_version = 4; CREATE TABLE t (x);")
+        conn.execute_batch("DROP TABLE users; PRAGMA user_version = 5; CREATE TABLE t (x);")
             .unwrap();
         let error = prepare(&mut conn, &path, None).unwrap_err().to_string();
-        assert!(error.contains("schema version 4"), "{error}");
+        assert!(error.contains("schema version 5"), "{error}");
     }
 }

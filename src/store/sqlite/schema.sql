@@ -1,9 +1,9 @@
--- tallyd schema, version 3: a double-entry ledger. tallyd runs this file inside one transaction when
+-- tallyd schema, version 4: a double-entry ledger with holds and credit limits (holds.sql, run after this file). tallyd runs this file inside one transaction when
 -- it creates a database (then the seed adds accounts) and when it upgrades a version-1 database.
 -- Amounts are integers in minor units (cents); STRICT tables refuse any value of another type, so no
 -- float can reach a balance.
 
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;
 
 -- Every account: the cards, and '@world', the system account for the outside world that every deposit
 -- comes from and every withdrawal goes to (it may go negative; it is not a card). opening_balance never
@@ -16,7 +16,9 @@ CREATE TABLE ledger_accounts (
                         CHECK (name = '@world'
                                OR (length(name) BETWEEN 6 AND 19 AND name NOT GLOB '*[^0-9]*')),
     opening_balance     INTEGER NOT NULL CHECK (opening_balance >= 0 OR name = '@world'),
-    balance             INTEGER NOT NULL CHECK (balance >= 0 OR name = '@world'),
+    -- May be negative down to the account's overdraft limit (account_credit); tallyd decides it and
+    -- `tallyd verify` checks it, as a CHECK cannot read another table.
+    balance             INTEGER NOT NULL,
     last_transaction_id INTEGER,
     created_at_ms       INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;
@@ -36,12 +38,11 @@ CREATE TABLE transactions (
     amount                    INTEGER NOT NULL CHECK (amount > 0 AND amount <= 1000000000000),
     source                    TEXT    NOT NULL,
     source_amount             INTEGER NOT NULL,
-    source_balance_after      INTEGER NOT NULL CHECK (source_balance_after >= 0 OR source = '@world'),
+    source_balance_after      INTEGER NOT NULL,
     source_previous_id        INTEGER,
     destination               TEXT    NOT NULL CHECK (destination <> source),
     destination_amount        INTEGER NOT NULL,
-    destination_balance_after INTEGER NOT NULL
-                              CHECK (destination_balance_after >= 0 OR destination = '@world'),
+    destination_balance_after INTEGER NOT NULL,
     destination_previous_id   INTEGER,
     reference                 TEXT    CHECK (reference IS NULL OR length(CAST(reference AS BLOB)) <= 255),
     idempotency_key           TEXT,

@@ -74,10 +74,48 @@ const INVARIANTS: &[(&str, &str)] = &[
                 AND a.last_transaction_id NOT IN (SELECT id FROM transactions))",
     ),
     (
-        "no card's balance below zero, ever",
-        "SELECT (SELECT count(*) FROM entries WHERE balance_after < 0 AND account <> '@world') + \
-                (SELECT count(*) FROM current_accounts WHERE (opening_balance < 0 OR balance < 0) \
-                   AND name <> '@world')",
+        "no card below zero, ever, unless it has credit terms (then never past the largest overdraft limit)",
+        "SELECT (SELECT count(*) FROM entries WHERE account <> '@world' AND balance_after < 0 \
+                   AND (balance_after < -1000000000000 OR account NOT IN (SELECT name FROM account_credit))) + \
+                (SELECT count(*) FROM current_accounts WHERE opening_balance < 0 AND name <> '@world')",
+    ),
+    (
+        "no account below -overdraft_limit",
+        "SELECT count(*) FROM account_availability WHERE balance < -overdraft_limit",
+    ),
+    (
+        "available (balance - held + overdraft_limit) >= 0 for every account",
+        "SELECT count(*) FROM account_availability WHERE available < 0",
+    ),
+    (
+        "each account's held amount equals the sum of its pending holds",
+        "SELECT (SELECT count(*) FROM account_credit c LEFT JOIN \
+                   (SELECT card_number, sum(amount) AS pending FROM holds WHERE status = 'pending' \
+                    GROUP BY card_number) h ON h.card_number = c.name \
+                 WHERE c.held <> coalesce(h.pending, 0)) + \
+                (SELECT count(DISTINCT card_number) FROM holds WHERE status = 'pending' \
+                   AND card_number NOT IN (SELECT name FROM account_credit))",
+    ),
+    (
+        "every hold is on an existing account, and pays an existing one",
+        "SELECT count(*) FROM holds WHERE card_number NOT IN (SELECT name FROM ledger_accounts) \
+           OR (destination IS NOT NULL AND destination NOT IN (SELECT name FROM ledger_accounts))",
+    ),
+    (
+        "no hold is both captured and voided: only a captured hold has a captured amount and a transaction",
+        "SELECT count(*) FROM holds WHERE (status = 'captured') <> \
+           (captured_amount IS NOT NULL AND transaction_id IS NOT NULL) \
+           OR (status <> 'captured' AND (captured_amount IS NOT NULL OR transaction_id IS NOT NULL))",
+    ),
+    (
+        "every captured hold has exactly one transaction with its amount, from its card to its destination",
+        "SELECT (SELECT count(*) FROM holds h LEFT JOIN transactions t ON t.id = h.transaction_id \
+                 WHERE h.status = 'captured' \
+                   AND h.transaction_id >= (SELECT coalesce(max(archived_before_id), 0) FROM ledger_archive) \
+                   AND (t.id IS NULL OR t.amount <> h.captured_amount OR t.source <> h.card_number \
+                        OR t.destination <> coalesce(h.destination, '@world'))) + \
+                (SELECT count(*) FROM (SELECT transaction_id FROM holds WHERE transaction_id IS NOT NULL \
+                   GROUP BY transaction_id HAVING count(*) > 1))",
     ),
     (
         "every amount is positive and within the per-transaction limit",
