@@ -641,3 +641,143 @@ async fn changing_a_limit_needs_the_admin_scope() {
         (DEMO_OPENING, 1, DEMO_OPENING + 9)
     );
 }
+
+/// 16 clients at once on 6 cards (two with overdraft limits): holds, partial captures, voids,
+/// transfers and batches, some refused. Afterwards the books balance, every held amount is its
+/// pending holds, no card is past what its limit allows, every success the clients saw is in the
+/// database as they saw it, and `verify` holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_clients_hold_capture_void_and_batch_at_once_and_the_books_balance() {
+    let server = Server::start(&[]);
+    let mut setup = server.client().await;
+    let cards: Vec<String> = (1..=6).map(|n| format!("54000000000000{n:02}")).collect();
+    for (index, card) in cards.iter().enumerate() {
+        open(&mut setup, card, (index < 2).then_some(5_000)).await;
+        assert_status(&setup.transaction(card, 10_000).await, 200);
+    }
+    let mut rng = common::Rng(common::test_seed("holds-contention", "TALLYD_TEST_SEED"));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let mut rng = rng.split();
+        let cards = cards.clone();
+        let mut client = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            let mut mine: Vec<i64> = Vec::new();
+            // (hold id, amount captured) as answered.
+            let mut captured: Vec<(i64, i64)> = Vec::new();
+            for _ in 0..40 {
+                let card = &cards[rng.below(6) as usize];
+                let other = &cards[rng.below(6) as usize];
+                match rng.below(5) {
+                    0 | 1 => {
+                        let destination = if other == card { Value::Null } else { json!(other) };
+                        let body = json!({ "card_number": card, "amount": 1 + rng.below(3_000), "destination": destination });
+                        let reply = hold(&mut client, body).await;
+                        match reply.status.as_u16() {
+                            200 => mine.push(reply.json()["id"].as_i64().unwrap()),
+                            422 => assert_eq!(reply.error_code(), "insufficient_funds"),
+                            _ => panic!("{}", reply.text),
+                        }
+                    }
+                    2 if !mine.is_empty() => {
+                        let id = mine.swap_remove(rng.below(mine.len() as u64) as usize);
+                        let (path, body) = if rng.below(2) == 0 {
+                            (format!("/holds/{id}/capture"), json!({ "amount": 1 + rng.below(1_000) }).to_string())
+                        } else {
+                            (format!("/holds/{id}/void"), String::new())
+                        };
+                        let reply = client.post_json(&path, &body).await;
+                        if reply.status == 200 {
+                            if let Some(amount) = reply.json()["captured_amount"].as_i64() {
+                                captured.push((id, amount));
+                            }
+                        } else {
+                            assert_error(&reply, 422, "capture_exceeds_hold");
+                            mine.push(id);
+                        }
+                    }
+                    3 if other != card => {
+                        let reply = client.transfer(card, other, 1 + rng.below(4_000) as i64).await;
+                        assert!(
+                            reply.status == 200 || reply.error_code() == "insufficient_funds",
+                            "{}",
+                            reply.text
+                        );
+                    }
+                    _ if other != card => {
+                        let amount = 1 + rng.below(2_000);
+                        let batch = json!({ "items": [
+                            { "type": "transfer", "source": card, "destination": other, "amount": amount },
+                            { "type": "hold", "card_number": other, "amount": amount },
+                        ]});
+                        let reply = client.post_json("/batches", &batch.to_string()).await;
+                        match reply.status.as_u16() {
+                            200 => mine.push(reply.json()["results"][1]["id"].as_i64().unwrap()),
+                            422 => assert_eq!(reply.error_code(), "batch_failed"),
+                            _ => panic!("{}", reply.text),
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            captured
+        }));
+    }
+    let mut captured = Vec::new();
+    for task in tasks {
+        captured.extend(task.await.unwrap());
+    }
+    let db = server.sqlite();
+    let (opening, current) = common::db_totals(&db);
+    assert_eq!(opening, current, "double entry: nothing created or destroyed");
+    for (id, amount) in &captured {
+        let stored: (String, i64) = db
+            .query_row(
+                "SELECT h.status, t.amount FROM holds h JOIN transactions t ON t.id = h.transaction_id WHERE h.id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(stored, ("captured".to_owned(), *amount), "hold {id}");
+    }
+    for card in &cards {
+        let (balance, held, available) = position(&mut setup, card).await;
+        let pending: i64 = db
+            .query_row(
+                "SELECT coalesce(sum(amount), 0) FROM holds WHERE card_number = ?1 AND status = 'pending'",
+                [card],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(held, pending, "{card}");
+        assert!(available >= 0, "{card}: {balance} - {held}");
+    }
+    eprintln!("holds-contention: {} captures", captured.len());
+    server.verify();
+}
+
+#[tokio::test]
+async fn verify_finds_a_held_amount_that_is_not_its_pending_holds() {
+    let mut server = Server::start(&[]);
+    let mut client = server.client().await;
+    assert_status(
+        &hold(&mut client, json!({ "card_number": DEMO_CARD, "amount": 10 })).await,
+        200,
+    );
+    server.terminate();
+    server
+        .sqlite()
+        .execute("UPDATE account_credit SET held = held + 1", [])
+        .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["verify", "--db"])
+        .arg(&server.db)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "{text}");
+    assert!(
+        text.contains("FAILED each account's held amount equals the sum of its pending holds (1 violations"),
+        "{text}"
+    );
+}

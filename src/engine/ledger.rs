@@ -1154,6 +1154,97 @@ mod tests {
         }
     }
 
+    fn place(n: u8, amount: i64) -> Command {
+        Command::PlaceHold(crate::domain::HoldRequest {
+            card: card(n),
+            amount: PositiveAmount::new(amount).unwrap(),
+            destination: None,
+            expires_in_s: 60,
+            reference: None,
+        })
+    }
+
+    #[test]
+    fn a_refused_batch_goes_back_to_its_savepoint_and_leaves_its_neighbours_alone() {
+        use crate::domain::{BatchItem, CaptureRequest, TransferRequest};
+        let mut ledger = ledger(&[(1, 100), (2, 0)]);
+        let item = |from: u8, to: u8, amount: i64| {
+            BatchItem::Transfer(TransferRequest {
+                source: card(from),
+                destination: card(to),
+                amount: PositiveAmount::new(amount).unwrap(),
+                reference: None,
+            })
+        };
+        let failing = Command::Batch(vec![
+            item(1, 2, 60),
+            BatchItem::Capture(CaptureRequest {
+                hold_id: 1,
+                amount: None,
+            }),
+            item(1, 2, 60), // 40 left after the first, and the capture took 30 more: refused
+        ]);
+        let report = run(
+            &mut ledger,
+            &[place(1, 30), failing, transfer(1, 2, 70), place(1, 1)],
+        );
+        assert!(report.commit_ok);
+        assert!(matches!(&report.outcomes[0], Outcome::Held { hold, available: 70, .. } if hold.id == 1));
+        assert!(
+            matches!(&report.outcomes[1], Outcome::Refused(Refusal::BatchFailed { index: 2, refusal })
+                if **refusal == Refusal::InsufficientFunds { balance: 10, available: 10 }),
+            "{:?}",
+            report.outcomes[1]
+        );
+        // The batch's staged transfer, capture and release are gone: the hold is pending again
+        // and its 30 still count against what the neighbour may spend.
+        assert_eq!(
+            report.outcomes[2],
+            Outcome::Transferred {
+                id: 1,
+                source_balance: 30,
+                destination_balance: 70,
+                created_at_ms: 1_000
+            }
+        );
+        assert!(
+            matches!(
+                &report.outcomes[3],
+                Outcome::Refused(Refusal::InsufficientFunds {
+                    balance: 30,
+                    available: 0
+                })
+            ),
+            "{:?}",
+            report.outcomes[3]
+        );
+        assert_eq!(ledger.store.transactions.len(), 1);
+        let held = &ledger.store.holds[&1];
+        assert_eq!(held.status, HoldStatus::Pending);
+        assert_eq!(ledger.store.credit[&card(1)].credit.held, 30);
+        // And the hold ids the refused batch did not use are not skipped.
+        let report = run(&mut ledger, &[place(2, 5)]);
+        assert!(matches!(&report.outcomes[0], Outcome::Held { hold, .. } if hold.id == 2));
+    }
+
+    #[test]
+    fn expiry_releases_only_pending_holds_whose_time_is_up() {
+        let mut ledger = ledger(&[(1, 100)]);
+        run(&mut ledger, &[place(1, 40), place(1, 50)]);
+        assert_eq!(ledger.expire_due(1_000 + 59_999, 10), 0, "not yet");
+        let void = Command::VoidHold(crate::domain::VoidRequest { hold_id: 2 });
+        run(&mut ledger, &[void]);
+        assert_eq!(
+            ledger.expire_due(1_000 + 60_000, 10),
+            1,
+            "the voided one is not expired again"
+        );
+        assert_eq!(ledger.store.holds[&1].status, HoldStatus::Expired);
+        assert_eq!(ledger.store.holds[&2].status, HoldStatus::Voided);
+        assert_eq!(ledger.store.credit[&card(1)].credit.held, 0);
+        assert_eq!(ledger.expire_due(i64::MAX, 10), 0);
+    }
+
     #[test]
     fn a_failed_commit_changes_nothing_and_the_ledger_rereads_the_store() {
         let mut ledger = ledger(&[(1, 100), (2, 0)]);
