@@ -37,9 +37,9 @@ const CERT_CN_BYTES_MAX: usize = 255;
 pub enum Scope {
     /// `GET` every read route, `/metrics`, `/stats` and the live page.
     Read,
-    /// Also `POST /transaction`, `/transfers` and `/accounts`: move money and open accounts.
+    /// Also every `POST`: move money, open accounts, place and resolve holds, batches.
     Write,
-    /// Also manage accounts' limits (the routes to come); today it may do what `write` may.
+    /// Also change accounts' overdraft limits (`PATCH /accounts/{card}`).
     Admin,
 }
 
