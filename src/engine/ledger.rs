@@ -846,12 +846,32 @@ fn state(committed: &Committed, staging: &Staging<'_>, card: &CardNumber) -> Res
 
 /// An account's credit terms as this batch has left them.
 fn credit(committed: &Committed, staging: &Staging<'_>, card: &CardNumber) -> Credit {
-    let key = CardKey::of(card);
+    credit_of(committed, staging, CardKey::of(card))
+}
+
+fn credit_of(committed: &Committed, staging: &Staging<'_>, key: CardKey) -> Credit {
     staging
         .credit
         .get(&key)
         .copied()
         .unwrap_or_else(|| committed.credit_of(key))
+}
+
+/// A card's key, state and terms as this batch has left them: what a debit or a credit of it is
+/// decided on (the key computed once, on the hot path).
+fn account(
+    committed: &Committed,
+    staging: &Staging<'_>,
+    card: &CardNumber,
+) -> Result<(CardKey, AccountState, Credit), Refusal> {
+    let key = CardKey::of(card);
+    let state = staging
+        .cards
+        .get(&key)
+        .copied()
+        .or_else(|| committed.cards.get_key(key))
+        .ok_or_else(|| Refusal::CardNotFound { card: card.clone() })?;
+    Ok((key, state, credit_of(committed, staging, key)))
 }
 
 /// The refusal of a debit of `card`: what the rule says, with the balance and what is available.
@@ -897,9 +917,8 @@ fn post(
     staging: &mut Staging<'_>,
     request: &TransactionRequest,
 ) -> Result<Outcome, Refusal> {
-    let card = state(committed, staging, &request.card)?;
+    let (key, card, terms) = account(committed, staging, &request.card)?;
     let current = card.balance;
-    let terms = credit(committed, staging, &request.card);
     let card_after =
         apply(current, terms, request.amount.minor_units()).map_err(|rule| refused(rule, current, terms))?;
     let amount = request.amount.minor_units();
@@ -926,9 +945,7 @@ fn post(
         _ => (Kind::Deposit, [world_leg, card_leg]),
     };
     let id = stage(staging, kind, amount.abs(), None, legs);
-    staging
-        .cards
-        .insert(CardKey::of(&request.card), after(card_after, id));
+    staging.cards.insert(key, after(card_after, id));
     staging.world = after(world_after, id);
     Ok(Outcome::Posted {
         id,
@@ -942,13 +959,12 @@ fn transfer_between(
     staging: &mut Staging<'_>,
     request: &TransferRequest,
 ) -> Result<Outcome, Refusal> {
-    let source = state(committed, staging, &request.source)?;
-    let destination = state(committed, staging, &request.destination)?;
+    let (source_key, source, source_terms) = account(committed, staging, &request.source)?;
+    let (destination_key, destination, destination_terms) =
+        account(committed, staging, &request.destination)?;
     let amount = request.amount.minor_units();
-    let source_terms = credit(committed, staging, &request.source);
     let source_after = apply(source.balance, source_terms, -amount)
         .map_err(|rule| refused(rule, source.balance, source_terms))?;
-    let destination_terms = credit(committed, staging, &request.destination);
     let destination_after = apply(destination.balance, destination_terms, amount)
         .map_err(|rule| refused(rule, destination.balance, destination_terms))?;
     let legs = [
@@ -966,12 +982,10 @@ fn transfer_between(
         },
     ];
     let id = stage(staging, Kind::Transfer, amount, request.reference.clone(), legs);
+    staging.cards.insert(source_key, after(source_after, id));
     staging
         .cards
-        .insert(CardKey::of(&request.source), after(source_after, id));
-    staging
-        .cards
-        .insert(CardKey::of(&request.destination), after(destination_after, id));
+        .insert(destination_key, after(destination_after, id));
     Ok(Outcome::Transferred {
         id,
         source_balance: source_after,
