@@ -81,11 +81,12 @@ pub(super) fn place(
             available: available(card.balance, terms),
         });
     }
-    // Held never passes the balance plus the limit, so it fits.
-    let terms = Credit {
-        held: terms.held + amount,
-        ..terms
-    };
+    // Held stays below the balance plus the limit, which only a balance near i64::MAX can pass.
+    let held = terms
+        .held
+        .checked_add(amount)
+        .ok_or(Refusal::BalanceLimitExceeded { balance: card.balance })?;
+    let terms = Credit { held, ..terms };
     let at = staging.batch.at_unix_ms;
     let id = staging.next_hold_id;
     staging.next_hold_id += 1;
