@@ -11,7 +11,9 @@
 //!   store is dropped or the process dies; a second `serve` is refused (or waits, with
 //!   `--lock-wait-ms`) before it listens. The engine may therefore decide against balances it holds
 //!   in memory, and it does: a commit appends the batch's transactions (the durable record, with
-//!   each leg's balance after it) and its idempotency records, and nothing else; the engine writes
+//!   each leg's balance after it) and its idempotency records, and writes the few rows of holds
+//!   placed or resolved and of accounts whose limit or held sum changed (small tables, read whole
+//!   at start-up), and nothing else; the engine writes
 //!   the balances of the accounts that moved back to their rows later, in key order, in chunks
 //!   between batches ([`Store::write_back`]), and moves the balance checkpoint forward with the last
 //!   chunk. [`Store::load`] reads the rows and replays the transactions after the checkpoint, so a
