@@ -309,18 +309,27 @@ async fn a_hold_that_expired_while_tallyd_was_down_is_expired_before_the_first_r
     let expires_at = placed.json()["expires_at_ms"].as_i64().unwrap();
     let keeps = hold(&mut client, json!({ "card_number": DEMO_CARD, "amount": 3_000 })).await;
     assert_status(&keeps, 200);
-    // Stopped before the sweeper's next round can see the first hold's time run out.
+    // Killed, most likely before the sweeper's next round sees the first hold's time run out (on
+    // a slow machine it may have: then only the outcome is checked, not who expired it).
     server.kill();
+    let status_at_kill: String = server
+        .sqlite()
+        .query_row("SELECT status FROM holds WHERE id = ?1", [id], |r| r.get(0))
+        .unwrap();
     let deadline = Deadline::new(Duration::from_secs(10), "the hold's expiry time");
     while now_ms() <= expires_at {
         deadline.tick().await;
     }
     let server = Server::start_on(&db, &[]);
-    assert!(
-        server.log_text().contains("expired the holds"),
-        "{}",
-        server.log_text()
-    );
+    if status_at_kill == "pending" {
+        assert!(
+            server.log_text().contains("expired the holds"),
+            "{}",
+            server.log_text()
+        );
+    } else {
+        eprintln!("the sweeper expired the hold before the kill; the start-up had nothing to expire");
+    }
     let mut client = server.client().await;
     assert_eq!(
         client.get(&format!("/holds/{id}")).await.json()["status"],
