@@ -136,15 +136,15 @@ impl Checker {
         self.seen.insert((method, template, status));
     }
 
-    /// `POST path` whose body never arrives: the server answers 408 once --request-timeout-ms passes.
-    fn post_stalled(&mut self, addr: std::net::SocketAddr, path: &str) {
+    /// `METHOD path` whose body never arrives: the server answers 408 once --request-timeout-ms passes.
+    fn stalled(&mut self, addr: std::net::SocketAddr, method: &Method, path: &str) {
         let mut conn = raw::RawConn::connect(addr);
         let head = format!(
-            "POST {path} HTTP/1.1\r\nhost: tallyd\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{"
+            "{method} {path} HTTP/1.1\r\nhost: tallyd\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{"
         );
         assert!(conn.send(head.as_bytes()), "sending the head of {path}");
         let raw::Answer::Response(response) = conn.read_answer(Duration::from_secs(15)) else {
-            panic!("POST {path} with a stalled body got no answer");
+            panic!("{method} {path} with a stalled body got no answer");
         };
         let mut headers = HeaderMap::new();
         for (name, value) in &response.headers {
@@ -159,8 +159,8 @@ impl Checker {
             text: response.text(),
             body: Bytes::from(response.body),
         };
-        assert_eq!(reply.status, 408, "POST {path}: {}", reply.text);
-        self.check(&Method::POST, path, &reply);
+        assert_eq!(reply.status, 408, "{method} {path}: {}", reply.text);
+        self.check(method, path, &reply);
     }
 
     async fn get(&mut self, client: &mut Client, path: &str) -> Reply {
@@ -173,6 +173,28 @@ impl Checker {
         let reply = client.post_with(path, body, headers).await;
         self.check(&Method::POST, path, &reply);
         reply
+    }
+
+    async fn patch(
+        &mut self,
+        client: &mut Client,
+        path: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let mut request = client.post_request(path, body, headers);
+        *request.method_mut() = Method::PATCH;
+        let reply = client.request(request).await;
+        self.check(&Method::PATCH, path, &reply);
+        reply
+    }
+
+    /// `POST /holds` of `amount` on the demo card, which must be placed: its id.
+    async fn place_hold(&mut self, client: &mut Client, amount: i64) -> i64 {
+        let body = format!(r#"{{"card_number":"{DEMO_CARD}","amount":{amount}}}"#);
+        let reply = self.post(client, "/holds", &body, &[]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        reply.i64("id")
     }
 
     /// Every documented (METHOD, template, status) this run has not seen.
@@ -193,7 +215,11 @@ impl Checker {
 }
 
 fn body_examples(doc: &Value, path: &str) -> Vec<(String, Value)> {
-    doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["examples"]
+    body_examples_of(doc, "post", path)
+}
+
+fn body_examples_of(doc: &Value, method: &str, path: &str) -> Vec<(String, Value)> {
+    doc["paths"][path][method]["requestBody"]["content"]["application/json"]["examples"]
         .as_object()
         .unwrap()
         .iter()
@@ -319,6 +345,407 @@ async fn every_answer_of_every_operation_matches_the_document() {
         )
         .await;
 
+    // PATCH /accounts/{card}: the examples on the account opened above, then each refusal.
+    let limit = |limit: i64| format!(r#"{{"overdraft_limit":{limit}}}"#);
+    let opened_card = "/accounts/4111111111111111";
+    for (name, body) in body_examples_of(&doc, "patch", "/accounts/{card}") {
+        let reply = check
+            .patch(&mut client, opened_card, &body.to_string(), &[])
+            .await;
+        assert_eq!(reply.status, 200, "example {name}: {}", reply.text);
+        assert_eq!(
+            reply.json()["overdraft_limit"],
+            body["overdraft_limit"],
+            "{}",
+            reply.text
+        );
+    }
+    let keyed = [("idempotency-key", "limit-1")];
+    let first = check.patch(&mut client, opened_card, &limit(2000), &keyed).await;
+    let again = check.patch(&mut client, opened_card, &limit(2000), &keyed).await;
+    assert!(again.replayed() && again.body == first.body, "{}", again.text);
+    let reused = check.patch(&mut client, opened_card, &limit(3000), &keyed).await;
+    assert_eq!(reused.error_code(), "idempotency_key_reused");
+    // An account opened with a limit, overdrawn within it: a limit below what it uses is refused.
+    let credit_card = "4111111111111113";
+    let opened = check
+        .post(
+            &mut client,
+            "/accounts",
+            &format!(r#"{{"card_number":"{credit_card}","overdraft_limit":1000}}"#),
+            &[],
+        )
+        .await;
+    assert_eq!(opened.status, 201, "{}", opened.text);
+    assert_eq!(
+        (opened.i64("overdraft_limit"), opened.i64("available")),
+        (1000, 1000),
+        "{}",
+        opened.text
+    );
+    let invalid = check
+        .post(
+            &mut client,
+            "/accounts",
+            r#"{"card_number":"4111111111111114","overdraft_limit":-1}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(invalid.error_code(), "invalid_limit");
+    let overdrawn = check
+        .post(&mut client, "/transaction", &deposit(credit_card, -600), &[])
+        .await;
+    assert_eq!(overdrawn.i64("balance"), -600, "{}", overdrawn.text);
+    let account = check.get(&mut client, &format!("/accounts/{credit_card}")).await;
+    assert_eq!(
+        (
+            account.i64("held"),
+            account.i64("overdraft_limit"),
+            account.i64("available")
+        ),
+        (0, 1000, 400),
+        "{}",
+        account.text
+    );
+    let below = check
+        .patch(&mut client, &format!("/accounts/{credit_card}"), &limit(100), &[])
+        .await;
+    assert_eq!(below.error_code(), "limit_below_usage");
+    assert_eq!(below.json()["error"]["balance"], -600, "{}", below.text);
+    let invalid = check
+        .patch(&mut client, &format!("/accounts/{credit_card}"), &limit(-1), &[])
+        .await;
+    assert_eq!(invalid.error_code(), "invalid_limit");
+    check
+        .patch(&mut client, "/accounts/4000000000999999", &limit(1), &[])
+        .await;
+    check.patch(&mut client, "/accounts/12ab", &limit(1), &[]).await;
+    check.patch(&mut client, opened_card, &too_large, &[]).await;
+    check.patch(&mut client, opened_card, &limit(1), &form).await;
+
+    // POST /holds: the examples (one pays 4111111111111111 on capture), a hold that expires in a
+    // second (captured and voided below, once it has), then each refusal.
+    let hold = |card: &str, amount: i64, extra: &str| {
+        format!(r#"{{"card_number":"{card}","amount":{amount}{extra}}}"#)
+    };
+    let mut examples = Vec::new();
+    for (name, body) in body_examples(&doc, "/holds") {
+        let reply = check.post(&mut client, "/holds", &body.to_string(), &[]).await;
+        assert_eq!(reply.status, 200, "example {name}: {}", reply.text);
+        assert_eq!(reply.json()["status"], "pending", "{}", reply.text);
+        examples.push(reply.json());
+    }
+    let expiring = check
+        .post(
+            &mut client,
+            "/holds",
+            &hold(DEMO_CARD, 10, r#","expires_in_s":1"#),
+            &[],
+        )
+        .await;
+    let expires_at_ms = expiring.i64("expires_at_ms");
+    let expiring = expiring.i64("id");
+    let keyed = [("idempotency-key", "hold-1")];
+    let first = check
+        .post(&mut client, "/holds", &hold(DEMO_CARD, 5, ""), &keyed)
+        .await;
+    let again = check
+        .post(&mut client, "/holds", &hold(DEMO_CARD, 5, ""), &keyed)
+        .await;
+    assert!(again.replayed() && again.body == first.body, "{}", again.text);
+    let reused = check
+        .post(&mut client, "/holds", &hold(DEMO_CARD, 6, ""), &keyed)
+        .await;
+    assert_eq!(reused.error_code(), "idempotency_key_reused");
+    check
+        .post(&mut client, "/holds", &hold("4000000000999999", 1, ""), &[])
+        .await;
+    let nowhere = check
+        .post(
+            &mut client,
+            "/holds",
+            &hold(DEMO_CARD, 1, r#","destination":"4000000000999999""#),
+            &[],
+        )
+        .await;
+    assert_eq!(nowhere.error_code(), "card_not_found");
+    let poor = check
+        .post(&mut client, "/holds", &hold(DEMO_CARD, 1_000_000_000, ""), &[])
+        .await;
+    assert_eq!(poor.error_code(), "insufficient_funds");
+    assert!(
+        poor.json()["error"]["available"].is_i64(),
+        "with holds pending, available differs from the balance: {}",
+        poor.text
+    );
+    let never = check
+        .post(
+            &mut client,
+            "/holds",
+            &hold(DEMO_CARD, 1, r#","expires_in_s":0"#),
+            &[],
+        )
+        .await;
+    assert_eq!(never.error_code(), "invalid_expiry");
+    let itself = check
+        .post(
+            &mut client,
+            "/holds",
+            &hold(DEMO_CARD, 1, &format!(r#","destination":"{DEMO_CARD}""#)),
+            &[],
+        )
+        .await;
+    assert_eq!(itself.error_code(), "same_account");
+    check.post(&mut client, "/holds", &too_large, &[]).await;
+    check
+        .post(&mut client, "/holds", &hold(DEMO_CARD, 1, ""), &form)
+        .await;
+
+    // POST /holds/{id}/capture and /void: each example on a hold of its own, an empty body, a
+    // capture that pays a card, then each refusal.
+    let mut captured = 0;
+    for (name, body) in body_examples(&doc, "/holds/{id}/capture") {
+        let id = check.place_hold(&mut client, 2000).await;
+        let reply = check
+            .post(
+                &mut client,
+                &format!("/holds/{id}/capture"),
+                &body.to_string(),
+                &[],
+            )
+            .await;
+        assert_eq!(reply.status, 200, "example {name}: {}", reply.text);
+        assert_eq!(reply.json()["status"], "captured", "{}", reply.text);
+        captured = id;
+    }
+    let id = check.place_hold(&mut client, 300).await;
+    let whole = check
+        .post(&mut client, &format!("/holds/{id}/capture"), "", &[])
+        .await;
+    assert_eq!(
+        whole.i64("captured_amount"),
+        300,
+        "an empty body captures all: {}",
+        whole.text
+    );
+    let order = examples
+        .iter()
+        .find(|hold| hold["destination"].is_string())
+        .expect("an example of POST /holds pays a card");
+    let paid = check
+        .post(
+            &mut client,
+            &format!("/holds/{}/capture", order["id"]),
+            r#"{"amount":1500}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(paid.i64("captured_amount"), 1500, "{}", paid.text);
+    let transfer_id = paid.i64("transaction_id");
+    let posted = check
+        .get(&mut client, &format!("/transactions/{transfer_id}"))
+        .await;
+    assert_eq!(posted.json()["kind"], "transfer", "{}", posted.text);
+    let twice = check
+        .post(&mut client, &format!("/holds/{captured}/capture"), "{}", &[])
+        .await;
+    assert_eq!(twice.error_code(), "hold_captured");
+    let late = check
+        .post(&mut client, &format!("/holds/{captured}/void"), "", &[])
+        .await;
+    assert_eq!(late.error_code(), "hold_captured");
+    let mut voided = 0;
+    for (name, body) in body_examples(&doc, "/holds/{id}/void") {
+        let id = check.place_hold(&mut client, 100).await;
+        let reply = check
+            .post(&mut client, &format!("/holds/{id}/void"), &body.to_string(), &[])
+            .await;
+        assert_eq!(reply.status, 200, "example {name}: {}", reply.text);
+        assert_eq!(reply.json()["status"], "voided", "{}", reply.text);
+        voided = id;
+    }
+    let after_void = check
+        .post(&mut client, &format!("/holds/{voided}/capture"), "", &[])
+        .await;
+    assert_eq!(after_void.error_code(), "hold_voided");
+    let id = check.place_hold(&mut client, 100).await;
+    let more = check
+        .post(
+            &mut client,
+            &format!("/holds/{id}/capture"),
+            r#"{"amount":101}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(more.error_code(), "capture_exceeds_hold");
+    let keyed = [("idempotency-key", "void-1")];
+    let first = check
+        .post(&mut client, &format!("/holds/{id}/void"), "", &keyed)
+        .await;
+    let again = check
+        .post(&mut client, &format!("/holds/{id}/void"), "", &keyed)
+        .await;
+    assert!(again.replayed() && again.body == first.body, "{}", again.text);
+    let reused = check
+        .post(&mut client, &format!("/holds/{voided}/void"), "", &keyed)
+        .await;
+    assert_eq!(reused.error_code(), "idempotency_key_reused");
+    for action in ["capture", "void"] {
+        let at = |id: &str| format!("/holds/{id}/{action}");
+        check.post(&mut client, &at("999999"), "", &[]).await;
+        let not_an_id = check.post(&mut client, &at("x"), "", &[]).await;
+        assert_eq!(not_an_id.error_code(), "invalid_parameter");
+        check.post(&mut client, &at("1"), &too_large, &[]).await;
+        check.post(&mut client, &at("1"), "{}", &form).await;
+    }
+    let zero = check
+        .post(
+            &mut client,
+            &format!("/holds/{id}/capture"),
+            r#"{"amount":0}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(zero.error_code(), "invalid_amount");
+    let field = check
+        .post(&mut client, &format!("/holds/{id}/void"), r#"{"amount":1}"#, &[])
+        .await;
+    assert_eq!(field.error_code(), "unknown_field");
+    // The hold placed with a second to live: refused as expired, whether or not the sweeper has
+    // marked it yet.
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let wait_ms = (expires_at_ms - now_ms() + 20).max(0);
+    tokio::time::sleep(Duration::from_millis(wait_ms as u64)).await;
+    for action in ["capture", "void"] {
+        let reply = check
+            .post(&mut client, &format!("/holds/{expiring}/{action}"), "", &[])
+            .await;
+        assert_eq!(reply.error_code(), "hold_expired", "{action}");
+    }
+
+    // GET /holds/{id} and an account's holds.
+    let shown = check.get(&mut client, &format!("/holds/{captured}")).await;
+    assert_eq!(shown.json()["status"], "captured", "{}", shown.text);
+    let pending = check
+        .get(&mut client, "/accounts/1234567890/holds?status=pending&limit=1")
+        .await;
+    assert_eq!(pending.json()["data"][0]["status"], "pending", "{}", pending.text);
+    assert_eq!(pending.json()["has_more"], true, "{}", pending.text);
+    let newest = pending.json()["data"][0]["id"].clone();
+    for path in [
+        "/holds/x".to_owned(),
+        "/holds/999999".to_owned(),
+        "/accounts/1234567890/holds".to_owned(),
+        format!("/accounts/1234567890/holds?limit=2&starting_after={newest}"),
+        "/accounts/1234567890/holds?status=captured".to_owned(),
+        "/accounts/1234567890/holds?status=open".to_owned(),
+        "/accounts/1234567890/holds?limit=101".to_owned(),
+        "/accounts/12ab/holds".to_owned(),
+        "/accounts/4000000000999999/holds".to_owned(),
+    ] {
+        check.get(&mut client, &path).await;
+    }
+
+    // POST /batches: the examples, a hold placed and captured in one batch, all or nothing, and
+    // each refusal.
+    for (name, body) in body_examples(&doc, "/batches") {
+        let reply = check.post(&mut client, "/batches", &body.to_string(), &[]).await;
+        let expected: &[u16] = if name == "payout" { &[200] } else { &[200, 422] };
+        assert!(
+            expected.contains(&reply.status.as_u16()),
+            "example {name}: {}",
+            reply.text
+        );
+    }
+    let next_hold = check.place_hold(&mut client, 1).await + 1;
+    let together = format!(
+        r#"{{"items":[{},{{"type":"capture","hold_id":{next_hold},"amount":20}}]}}"#,
+        hold(DEMO_CARD, 50, r#","type":"hold""#)
+    );
+    let both = check.post(&mut client, "/batches", &together, &[]).await;
+    assert_eq!(both.status, 200, "{}", both.text);
+    assert_eq!(both.json()["results"][1]["status"], "captured", "{}", both.text);
+    let before = client.balance(DEMO_CARD).await;
+    let failing = format!(
+        r#"{{"items":[{},{}]}}"#,
+        r#"{"type":"transaction","card_number":"1234567890","amount":5}"#,
+        r#"{"type":"transfer","source":"1234567890","destination":"4000000000999999","amount":1}"#
+    );
+    let failed = check.post(&mut client, "/batches", &failing, &[]).await;
+    let body = failed.json();
+    assert_eq!(
+        (&body["error"]["code"], &body["error"]["index"]),
+        (&json!("batch_failed"), &json!(1)),
+        "{}",
+        failed.text
+    );
+    assert_eq!(body["results"][0]["error"]["code"], "linked_item_failed");
+    assert_eq!(body["results"][1]["error"]["card_number"], "4000000000999999");
+    assert_eq!(
+        client.balance(DEMO_CARD).await,
+        before,
+        "a failed batch moved money"
+    );
+    let poor = check
+        .post(
+            &mut client,
+            "/batches",
+            &format!(
+                r#"{{"items":[{}]}}"#,
+                hold(DEMO_CARD, 1_000_000_000, r#","type":"hold""#)
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(poor.json()["results"][0]["error"]["code"], "insufficient_funds");
+    let keyed = [("idempotency-key", "batch-1")];
+    let one = |amount: i64| {
+        format!(r#"{{"items":[{{"type":"transaction","card_number":"{DEMO_CARD}","amount":{amount}}}]}}"#)
+    };
+    let first = check.post(&mut client, "/batches", &one(3), &keyed).await;
+    let again = check.post(&mut client, "/batches", &one(3), &keyed).await;
+    assert!(again.replayed() && again.body == first.body, "{}", again.text);
+    let reused = check.post(&mut client, "/batches", &one(4), &keyed).await;
+    assert_eq!(reused.error_code(), "idempotency_key_reused");
+    for (body, code) in [
+        (r#"{"items":[]}"#.to_owned(), "invalid_batch"),
+        (r#"{"items":[{"type":"refund"}]}"#.to_owned(), "invalid_batch"),
+        (r#"{"items":[7]}"#.to_owned(), "invalid_batch"),
+        (
+            format!(
+                r#"{{"items":[{}]}}"#,
+                hold(DEMO_CARD, 1, r#","type":"hold","expires_in_s":0"#)
+            ),
+            "invalid_expiry",
+        ),
+    ] {
+        let reply = check.post(&mut client, "/batches", &body, &[]).await;
+        assert_eq!(reply.error_code(), code, "{body}: {}", reply.text);
+    }
+    let item = check
+        .post(
+            &mut client,
+            "/batches",
+            r#"{"items":[{"type":"void","hold_id":0}]}"#,
+            &[],
+        )
+        .await;
+    assert!(
+        item.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("items[0]: "),
+        "{}",
+        item.text
+    );
+    check.post(&mut client, "/batches", &too_large, &[]).await;
+    check.post(&mut client, "/batches", &one(1), &form).await;
+
     // Every GET, found and not found and refused.
     for path in [
         "/accounts/1234567890",
@@ -347,8 +774,17 @@ async fn every_answer_of_every_operation_matches_the_document() {
     ] {
         check.get(&mut client, path).await;
     }
-    for path in ["/transaction", "/transfers", "/accounts"] {
-        check.post_stalled(server.addr, path);
+    for (method, path) in [
+        (Method::POST, "/transaction"),
+        (Method::POST, "/transfers"),
+        (Method::POST, "/accounts"),
+        (Method::PATCH, "/accounts/1234567890"),
+        (Method::POST, "/holds"),
+        (Method::POST, "/holds/1/capture"),
+        (Method::POST, "/holds/1/void"),
+        (Method::POST, "/batches"),
+    ] {
+        check.stalled(server.addr, &method, path);
     }
     let legs = check.get(&mut client, "/transactions/1").await.json()["legs"].clone();
     assert_eq!(
@@ -357,10 +793,13 @@ async fn every_answer_of_every_operation_matches_the_document() {
     );
 
     // With API keys and a rate limit: 401 without a key on every operation that needs one, 403
-    // for a read key on each POST, 429 on every operation once the key is over its limit.
+    // for a read key on each POST and for a write key on the PATCH (which needs admin), 429 on
+    // every operation once the key is over its limit.
     let keyed_dir = tempfile::tempdir().unwrap();
     let keyed_db = keyed_dir.path().join("users.db");
     let read_key = common::create_key(&keyed_db, "reader", "read", &[]);
+    let write_key = common::create_key(&keyed_db, "writer", "write", &[]);
+    let admin_key = common::create_key(&keyed_db, "admin", "admin", &[]);
     let keyed = Server::start_on(
         &keyed_db,
         &["--rate-limit-per-s", "1", "--rate-limit-burst", "40"],
@@ -370,10 +809,17 @@ async fn every_answer_of_every_operation_matches_the_document() {
         ("/transaction", deposit(DEMO_CARD, 1)),
         ("/transfers", transfer),
         ("/accounts", r#"{"card_number":"5555444433332222"}"#.to_owned()),
+        ("/holds", deposit(DEMO_CARD, 1)),
+        ("/holds/1/capture", "{}".to_owned()),
+        ("/holds/1/void", "{}".to_owned()),
+        ("/batches", one(1)),
     ];
+    let account = format!("/accounts/{DEMO_CARD}");
     let gets = [
         format!("/accounts/{DEMO_CARD}"),
         format!("/accounts/{DEMO_CARD}/entries"),
+        format!("/accounts/{DEMO_CARD}/holds"),
+        "/holds/1".to_owned(),
         "/transactions?idempotency_key=k".to_owned(),
         "/transactions/1".to_owned(),
         format!("/balance?card_number={DEMO_CARD}"),
@@ -390,11 +836,36 @@ async fn every_answer_of_every_operation_matches_the_document() {
         let reply = check.get(&mut anonymous, path).await;
         assert_eq!(reply.status, 401, "GET {path}: {}", reply.text);
     }
+    let reply = check.patch(&mut anonymous, &account, &limit(1), &[]).await;
+    assert_eq!(reply.status, 401, "PATCH {account}: {}", reply.text);
     let mut reader = keyed.client().await.with_bearer(&read_key);
     for (path, body) in &posts {
         let reply = check.post(&mut reader, path, body, &[]).await;
         assert_eq!(reply.status, 403, "POST {path}: {}", reply.text);
     }
+    let reply = check.patch(&mut reader, &account, &limit(1), &[]).await;
+    assert_eq!(reply.status, 403, "PATCH {account}: {}", reply.text);
+    let mut writer = keyed.client().await.with_bearer(&write_key);
+    let reply = check.patch(&mut writer, &account, &limit(1), &[]).await;
+    assert_eq!(
+        reply.status, 403,
+        "PATCH {account} with a write key: {}",
+        reply.text
+    );
+    assert!(
+        reply
+            .header("www-authenticate")
+            .is_some_and(|h| h.contains("scope=\"admin\"")),
+        "{:?}",
+        reply.headers
+    );
+    let mut admin = keyed.client().await.with_bearer(&admin_key);
+    let reply = check.patch(&mut admin, &account, &limit(1), &[]).await;
+    assert_eq!(
+        reply.status, 200,
+        "PATCH {account} with an admin key: {}",
+        reply.text
+    );
     // Spend the rest of the burst, then every operation is refused with 429.
     let mut spent = 0;
     while reader.get("/stats").await.status != 429 {
@@ -405,6 +876,8 @@ async fn every_answer_of_every_operation_matches_the_document() {
         let reply = check.post(&mut reader, path, body, &[]).await;
         assert_eq!(reply.status, 429, "POST {path}: {}", reply.text);
     }
+    let reply = check.patch(&mut reader, &account, &limit(1), &[]).await;
+    assert_eq!(reply.status, 429, "PATCH {account}: {}", reply.text);
     for path in &gets {
         let reply = check.get(&mut reader, path).await;
         assert_eq!(reply.status, 429, "GET {path}: {}", reply.text);

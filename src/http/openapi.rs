@@ -103,13 +103,19 @@ mod tests {
     fn every_route_is_documented_and_every_documented_path_is_routed() {
         let doc = document();
         // A GET route also answers HEAD; OpenAPI leaves HEAD implicit, as do most servers' documents.
-        let routed: BTreeSet<(String, String)> = Route::ALL
+        let mut routed: BTreeSet<(String, String)> = Route::ALL
             .iter()
             .map(|route| {
                 let method = if route.is_post() { "post" } else { "get" };
                 (method.to_owned(), route.pattern().to_owned())
             })
             .collect();
+        routed.extend(
+            Route::ALL
+                .iter()
+                .filter(|route| route.also_patch())
+                .map(|route| ("patch".to_owned(), route.pattern().to_owned())),
+        );
         assert_eq!(
             operations(&doc),
             routed,
@@ -205,9 +211,13 @@ mod tests {
     type Decoder = fn(&[u8]) -> Option<String>;
 
     /// The fields a decoder takes, read from serde's refusal of an unknown one ("expected one of
-    /// `a`, `b`"), so that the list comes from the decoder's own struct.
+    /// `a`, `b`"; "there are no fields" for one that takes none), so that the list comes from the
+    /// decoder's own struct.
     fn decoder_fields(decode: Decoder) -> BTreeSet<String> {
         let message = decode(br#"{"zz_not_a_field":1}"#).expect("an unknown field is refused");
+        if message.contains("there are no fields") {
+            return BTreeSet::new();
+        }
         let expected = message.split("expected").nth(1).expect("serde lists the fields");
         expected
             .split('`')
@@ -221,40 +231,145 @@ mod tests {
         result.err().map(|error| error.message)
     }
 
+    /// One item of a `POST /batches` body, decoded as the batch decodes it, its message without the
+    /// `items[0]: ` that the batch puts before an item's refusal.
+    fn batch_item(kind: &str, item: &[u8]) -> Option<String> {
+        let mut item: Value = serde_json::from_slice(item).expect("an item is a JSON object");
+        item["type"] = kind.into();
+        let body = serde_json::to_vec(&serde_json::json!({ "items": [item] })).unwrap();
+        refusal(decode::batch(&body, 3600, 100)).map(|m| m.trim_start_matches("items[0]: ").to_owned())
+    }
+
     #[test]
     fn every_request_body_field_is_documented_and_every_example_decodes() {
         let doc = document();
-        let decoders: [(&str, &str, Decoder); 3] = [
-            ("/transaction", "TransactionRequest", |b| {
+        // (path, method, schema, decoder); a path parameter is given to the decoder as its example.
+        let decoders: [(&str, &str, &str, Decoder); 8] = [
+            ("/transaction", "post", "TransactionRequest", |b| {
                 refusal(decode::transaction(b))
             }),
-            ("/transfers", "TransferRequest", |b| refusal(decode::transfer(b))),
-            ("/accounts", "OpenAccountRequest", |b| {
+            ("/transfers", "post", "TransferRequest", |b| {
+                refusal(decode::transfer(b))
+            }),
+            ("/accounts", "post", "OpenAccountRequest", |b| {
                 refusal(decode::open_account(b))
             }),
+            ("/accounts/{card}", "patch", "SetLimitRequest", |b| {
+                refusal(decode::set_limit("1234567890", b))
+            }),
+            ("/holds", "post", "HoldRequest", |b| {
+                refusal(decode::hold(b, 3600))
+            }),
+            ("/holds/{id}/capture", "post", "CaptureRequest", |b| {
+                refusal(decode::capture("1", b))
+            }),
+            ("/holds/{id}/void", "post", "VoidRequest", |b| {
+                refusal(decode::void("1", b))
+            }),
+            ("/batches", "post", "BatchRequest", |b| {
+                refusal(decode::batch(b, 3600, 100))
+            }),
         ];
-        for (path, schema_name, decode) in decoders {
-            let body = &doc["paths"][path]["post"]["requestBody"]["content"]["application/json"];
+        let mut bodies: Vec<(String, String, Decoder, Vec<Value>)> = Vec::new();
+        for (path, method, schema_name, decode) in decoders {
+            let body = &doc["paths"][path][method]["requestBody"]["content"]["application/json"];
             assert_eq!(
                 body["schema"]["$ref"],
                 format!("#/components/schemas/{schema_name}"),
-                "{path}"
+                "{method} {path}"
             );
-            let schema = resolve(&doc, &body["schema"]);
-            let properties: BTreeSet<String> = schema["properties"]
+            let examples = body["examples"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|e| e["value"].clone());
+            bodies.push((
+                format!("{method} {path}"),
+                schema_name.to_owned(),
+                decode,
+                examples.collect(),
+            ));
+        }
+        // Each kind of batch item is its route's body with a `type`, decoded by the batch: its
+        // schema against the decoder's fields, and the items of the batch examples against both.
+        let items: [(&str, &str, Decoder); 5] = [
+            ("transaction", "BatchTransactionItem", |b| {
+                batch_item("transaction", b)
+            }),
+            ("transfer", "BatchTransferItem", |b| batch_item("transfer", b)),
+            ("hold", "BatchHoldItem", |b| batch_item("hold", b)),
+            ("capture", "BatchCaptureItem", |b| batch_item("capture", b)),
+            ("void", "BatchVoidItem", |b| batch_item("void", b)),
+        ];
+        let batch_items: Vec<Value> = bodies
+            .iter()
+            .filter(|(at, ..)| at == "post /batches")
+            .flat_map(|(.., examples)| examples.iter())
+            .flat_map(|example| example["items"].as_array().unwrap().iter().cloned())
+            .collect();
+        let item_schemas: BTreeSet<String> = doc["components"]["schemas"]["BatchRequest"]["properties"]
+            ["items"]["items"]["oneOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|schema| {
+                schema["$ref"]
+                    .as_str()
+                    .unwrap()
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(
+            item_schemas,
+            items.iter().map(|(_, name, _)| (*name).to_owned()).collect(),
+            "the batch item schemas"
+        );
+        for (kind, schema_name, decode) in items {
+            let schema = &doc["components"]["schemas"][schema_name];
+            assert_eq!(
+                schema["properties"]["type"]["const"], kind,
+                "{schema_name}: its type"
+            );
+            let of_kind: Vec<Value> = batch_items
+                .iter()
+                .filter(|item| item["type"] == kind)
+                .map(|item| {
+                    let mut item = item.clone();
+                    item.as_object_mut().unwrap().remove("type");
+                    item
+                })
+                .collect();
+            assert!(!of_kind.is_empty(), "no batch example has a {kind} item");
+            bodies.push((format!("a {kind} item"), schema_name.to_owned(), decode, of_kind));
+        }
+        for (at, schema_name, decode, examples) in bodies {
+            let path = at.as_str();
+            let schema = &doc["components"]["schemas"][&schema_name];
+            let mut properties: BTreeSet<String> = schema["properties"]
                 .as_object()
                 .unwrap()
                 .keys()
                 .cloned()
                 .collect();
+            // A batch item's `type` is read by the batch, not by the item's decoder.
+            let is_item = schema_name.starts_with("Batch") && schema_name.ends_with("Item");
+            if is_item {
+                assert!(properties.remove("type"), "{path}: no type");
+            }
             assert_eq!(properties, decoder_fields(decode), "{path}: fields");
             assert_eq!(
                 schema["additionalProperties"], false,
                 "{path}: unknown fields are refused"
             );
-            let required = names(&schema["required"]);
-            for (name, example) in body["examples"].as_object().unwrap() {
-                let value = &example["value"];
+            let mut required = schema.get("required").map(names).unwrap_or_default();
+            if is_item {
+                assert!(required.remove("type"), "{path}: type is required");
+            }
+            for value in &examples {
+                let name = value.to_string();
                 let bytes = serde_json::to_vec(value).unwrap();
                 assert_eq!(decode(&bytes), None, "{path}: example {name} must decode");
                 // Without each field in turn: refused as missing exactly when the schema requires it.
