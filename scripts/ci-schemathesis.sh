@@ -39,7 +39,7 @@ readonly CLIENT_GENERATOR_VERSION="0.29.1"
 readonly MAX_EXAMPLES="${ST_MAX_EXAMPLES:-1000}"
 readonly SEED="${ST_SEED:-20261201}"
 readonly FUZZ_SECONDS="${ST_FUZZ_SECONDS:-60}"
-readonly SCHEMATHESIS_TIMEOUT_S=420   # a hard stop for each command, well past the ~90 s `st run` takes on 2 cores
+readonly SCHEMATHESIS_TIMEOUT_S=900   # a hard stop for each command, well past the 135-400 s `st run` takes on 2 cores with 20 operations
 readonly INSTALL_TIMEOUT_S=900
 
 # shellcheck source=scripts/lib/server.sh

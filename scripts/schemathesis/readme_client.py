@@ -86,7 +86,15 @@ def snake(name):
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name.replace("-", "_")).lower()
 
 
-def convert(schema, text):
+def convert(document, schema, text):
+    """A parameter's text as the generated client takes it: an int, the model of a named enum, or text."""
+    from tallyd_client import models
+
+    if "$ref" in schema:
+        named = getattr(models, schema["$ref"].rsplit("/", 1)[1], None)
+        if named is not None and deref(document, schema).get("enum"):
+            return named(text)
+        schema = deref(document, schema)
     return int(text) if schema.get("type") == "integer" else text
 
 
@@ -104,8 +112,9 @@ def call(document, base_url, argv):
         source = {"path": path_values, "query": query, "header": headers}[where]
         key = name.lower() if where == "header" else name
         if key in source:
-            kwargs[snake(name)] = convert(deref(document, parameter["schema"]), source[key])
-    if "requestBody" in operation:
+            kwargs[snake(name)] = convert(document, parameter["schema"], source[key])
+    # A body the operation takes but the curl does not send (a void, a capture of all of it) stays unset.
+    if "requestBody" in operation and data is not None:
         schema_ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         model = getattr(models, schema_ref.rsplit("/", 1)[1])
         kwargs["body"] = model.from_dict(json.loads(data))

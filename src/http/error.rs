@@ -513,13 +513,13 @@ pub fn outcome_result(command: &Command, outcome: &Outcome) -> Result<(StatusCod
             Command::SetLimit(request),
         ) => Ok((
             StatusCode::OK,
-            to_json(&json!({
-                "card_number": request.card.as_str(),
-                "balance": balance,
-                "held": credit.held,
-                "overdraft_limit": credit.overdraft_limit,
-                "available": available,
-            })),
+            to_json(&LimitSet {
+                card_number: request.card.as_str(),
+                balance: *balance,
+                held: credit.held,
+                overdraft_limit: credit.overdraft_limit,
+                available: *available,
+            }),
         )),
         (Outcome::Batch(outcomes), Command::Batch(items)) if outcomes.len() == items.len() => {
             let mut results = Vec::with_capacity(items.len());
@@ -555,6 +555,17 @@ pub fn outcome_result(command: &Command, outcome: &Outcome) -> Result<(StatusCod
             Err(ApiError::new(ErrorCode::Internal, "internal error"))
         }
     }
+}
+
+/// The 200 body of `PATCH /accounts/{card}`: the account's spending position, in the order
+/// `GET /accounts/{card}` gives it.
+#[derive(Debug, Serialize)]
+struct LimitSet<'a> {
+    card_number: &'a str,
+    balance: i64,
+    held: i64,
+    overdraft_limit: i64,
+    available: i64,
 }
 
 /// The answer of `POST /holds`, a capture and a void: the hold, with its card's balance and
@@ -688,7 +699,8 @@ fn refusal_error(command: &Command, refusal: &Refusal) -> ApiError {
                 ErrorCode::CardNotFound,
                 format!("no account has card number {card}"),
             );
-            if let Command::Transfer(_) = command {
+            // A route that names two cards says which one has no account.
+            if let Command::Transfer(_) | Command::PlaceHold(_) = command {
                 error.card_number = Some(card.as_str().to_owned());
             }
             error
@@ -697,6 +709,12 @@ fn refusal_error(command: &Command, refusal: &Refusal) -> ApiError {
             let message = match command {
                 Command::Transfer(_) => {
                     "the transfer would take the destination's balance past the largest representable amount"
+                }
+                Command::PlaceHold(_) => {
+                    "the hold would take the card's held sum past the largest representable amount"
+                }
+                Command::CaptureHold(_) => {
+                    "the capture would take the destination's balance past the largest representable amount"
                 }
                 _ => "the deposit would take the balance past the largest representable amount",
             };
