@@ -85,7 +85,9 @@ pub(super) fn place(
     let held = terms
         .held
         .checked_add(amount)
-        .ok_or(Refusal::BalanceLimitExceeded { balance: card.balance })?;
+        .ok_or(Refusal::BalanceLimitExceeded {
+            balance: card.balance,
+        })?;
     let terms = Credit { held, ..terms };
     let at = staging.batch.at_unix_ms;
     let id = staging.next_hold_id;
