@@ -26,7 +26,8 @@
 # (batch phase duration / batches: one batch in flight, so this is the mean round trip, finer than the
 # percentiles), the replica's peak RSS, bytes written per transfer (block output of the whole benchmark
 # process tree from /usr/bin/time -v, i.e. the replica's O_DIRECT writes, minus the same figure for a run
-# with the same accounts and 1 transfer, over the transfer count), and the data file's growth per transfer.
+# with the same accounts and 1 transfer, over the transfer count), the data file's growth per transfer, and the
+# run's CPU share (user + system over wall time, from /usr/bin/time: low when other work takes the cores).
 # Medians over RUNS go to TB_RESULTS (markdown, also printed) and TB_TSV (one line per row, for bench/run.sh).
 #
 # Options (environment):
@@ -241,7 +242,7 @@ BATCH_MAX="$(field "$B_OUT" 'transfer batch size =')"
 log "baseline wrote $BASE_BYTES bytes (format + accounts); largest batch $BATCH_MAX"
 
 RAW="$TB_OUT/runs.tsv"
-printf 'row\trun\tdistribution\tbatch\ttransfers\ttransfers_per_s\tp50_ms\tp99_ms\tp100_ms\tmean_batch_ms\trss_mib\tbytes_per_transfer\tdatafile_growth_per_transfer\twall_s\n' >"$RAW"
+printf 'row\trun\tdistribution\tbatch\ttransfers\ttransfers_per_s\tp50_ms\tp99_ms\tp100_ms\tmean_batch_ms\trss_mib\tbytes_per_transfer\tdatafile_growth_per_transfer\twall_s\tcpu_pct\n' >"$RAW"
 for run in $(seq 1 "$RUNS"); do
     for row in $ROWS; do
         dist="${row%_*}"
@@ -258,16 +259,18 @@ for run in $(seq 1 "$RUNS"); do
             -v batches="$(awk '/ batches in / { print $1; exit }' "$B_OUT")" -v secs="$(field "$B_OUT" '^[0-9]+ batches in')" \
             -v rss="$(field "$B_OUT" '^rss =')" -v written="$(fs_output_bytes "$B_TIME")" -v base="$BASE_BYTES" \
             -v empty="$(field "$B_OUT" '^datafile empty =')" -v full="$(field "$B_OUT" '^datafile =')" \
-            -v wall="$(awk -F': ' '/Elapsed/ { n = split($2, t, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + t[i]; print s }' "$B_TIME")" '
+            -v wall="$(awk -F': ' '/Elapsed/ { n = split($2, t, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + t[i]; print s }' "$B_TIME")" \
+            -v cpu="$(awk -F': ' '/User time|System time/ { s += $2 } END { print s }' "$B_TIME")" '
             function num(x) { return x != "-" && x != "" }
             BEGIN {
                 print row, run, dist, batch, n, tps, p50, p99, p100,
                     (num(batches) && batches > 0) ? sprintf("%.2f", secs * 1000 / batches) : "-",
                     num(rss) ? sprintf("%.0f", rss / 1048576) : "-",
                     num(written) ? sprintf("%.0f", (written - base) / n) : "-",
-                    (num(empty) && num(full)) ? sprintf("%.0f", (full - empty) / n) : "-", wall
+                    (num(empty) && num(full)) ? sprintf("%.0f", (full - empty) / n) : "-", wall,
+                    (num(wall) && wall > 0) ? sprintf("%.0f", cpu * 100 / wall) : "-"
             }' >>"$RAW"
-        log "$(tail -n1 "$RAW" | awk -F'\t' '{ printf "%-11s run %s: %s transfers in batches of %s: %s/s, p50 %s ms, p99 %s ms, mean %s ms, RSS %s MiB, %s B written/transfer", $1, $2, $5, $4, $6, $7, $8, $10, $11, $12 }')"
+        log "$(tail -n1 "$RAW" | awk -F'\t' '{ printf "%-11s run %s: %s transfers in batches of %s: %s/s, p50 %s ms, p99 %s ms, mean %s ms, RSS %s MiB, %s B written/transfer, CPU %s%%", $1, $2, $5, $4, $6, $7, $8, $10, $11, $12, $15 }')"
     done
 done
 
@@ -293,11 +296,11 @@ disk_of() {
 }
 
 {
-    printf 'row\ttransfers_per_s\tp50_ms\tp99_ms\trss_mib\tbytes_per_transfer\tdistribution\tbatch\ttransfers\tmean_batch_ms\tdatafile_growth_per_transfer\truns\n'
+    printf 'row\ttransfers_per_s\tp50_ms\tp99_ms\trss_mib\tbytes_per_transfer\tdistribution\tbatch\ttransfers\tmean_batch_ms\tdatafile_growth_per_transfer\truns\tcpu_pct\n'
     for row in $ROWS; do
-        printf 'tigerbeetle_%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$row" "$(median "$row" 6)" "$(median "$row" 7)" \
+        printf 'tigerbeetle_%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$row" "$(median "$row" 6)" "$(median "$row" 7)" \
             "$(median "$row" 8)" "$(median "$row" 11)" "$(median "$row" 12)" "$(first "$row" 3)" "$(first "$row" 4)" \
-            "$(first "$row" 5)" "$(median "$row" 10)" "$(median "$row" 13)" "$RUNS"
+            "$(first "$row" 5)" "$(median "$row" 10)" "$(median "$row" 13)" "$RUNS" "$(median "$row" 15)"
     done
 } >"$TB_TSV"
 
@@ -313,10 +316,10 @@ disk_of() {
     echo "- Load average (1, 5, 15 min) before the runs: $START_LOAD; after: $(cut -d' ' -f1-3 /proc/loadavg); busy at the start: ${START_BUSY:-nothing over 5%}"
     echo "- Each run: \`tigerbeetle benchmark\` formats a fresh single-replica data file, starts the replica on 127.0.0.1 and drives it from one client in the same process tree on the same cores, one batch in flight; $ACCOUNTS accounts; $RUNS run(s) per row, median shown"
     echo
-    echo "| row | distribution | batch | transfers | transfers/s | p50 ms | p99 ms | mean batch ms | replica peak RSS MiB | bytes written/transfer | data file growth/transfer |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| row | distribution | batch | transfers | transfers/s | p50 ms | p99 ms | mean batch ms | replica peak RSS MiB | bytes written/transfer | data file growth/transfer | CPU % |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for row in $ROWS; do
-        echo "| tigerbeetle_$row | $(first "$row" 3) | $(first "$row" 4) | $(first "$row" 5) | $(median "$row" 6) | $(median "$row" 7) | $(median "$row" 8) | $(median "$row" 10) | $(median "$row" 11) | $(median "$row" 12) | $(median "$row" 13) |"
+        echo "| tigerbeetle_$row | $(first "$row" 3) | $(first "$row" 4) | $(first "$row" 5) | $(median "$row" 6) | $(median "$row" 7) | $(median "$row" 8) | $(median "$row" 10) | $(median "$row" 11) | $(median "$row" 12) | $(median "$row" 13) | $(median "$row" 15) |"
     done
     echo
     echo "Latency percentiles are TigerBeetle's (1 ms buckets, truncated: under 1 ms reads 0); mean batch ms is the"
@@ -326,6 +329,8 @@ disk_of() {
     echo "format and accounts), over the transfer count. \`max\` is the largest batch this TigerBeetle sends ($BATCH_MAX), the"
     echo "counterpart of tallyd's 8,190 rows. hot debits one account on every transfer (tallyd's credits one: the same"
     echo "single-account contention); zipf is TigerBeetle's shuffled zipfian (theta 0.99) on both sides (tallyd's s = 1.0)."
+    echo "CPU % is the user + system time of the whole run (replica and client, from format to exit) over its wall time:"
+    echo "about 100% or more when the replica has a core to itself, less when other work on the machine takes it."
     echo
     echo "## Exact commands"
     echo
