@@ -35,7 +35,7 @@
 #   TRANSFERS_SMALL=200000   transfers at batch < 1000 TRANSFERS_LARGE=10000000  transfers at larger batches
 #   ROWS="uniform_100 zipf_100 hot_100 uniform_max zipf_max hot_max"
 #   QUICK=1                  TRANSFERS_SMALL=20000 TRANSFERS_LARGE=200000 RUNS=1, results to bench/out/*-quick.*
-#   TB_OUT=bench/out/tigerbeetle  venv, zig caches, binary, raw logs
+#   TB_OUT=bench/out/tigerbeetle  venv, zig caches, binary (raw logs and every run: beside TB_TSV, *-logs/ and *-runs.tsv)
 #   ZIG_VENV=$TB_OUT/zig-venv     where `pip install ziglang==<pinned>` goes
 #   ZIG_VERSION=<pinned>     override the version read from the checkout
 #   TB_RESULTS=bench/out/tigerbeetle.md   TB_TSV=bench/out/tigerbeetle.tsv
@@ -79,7 +79,8 @@ TB_TSV="${TB_TSV:-$ROOT/bench/out/tigerbeetle.tsv}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-600}"
 BUILD_TIMEOUT="${BUILD_TIMEOUT:-1800}"
 TB="$TB_OUT/zig-out/bin/tigerbeetle"
-LOGS="$TB_OUT/logs"
+# Raw logs and the per-run TSV are named after TB_TSV, so a QUICK run does not overwrite a full one's.
+LOGS="${TB_TSV%.tsv}-logs"
 mkdir -p "$TB_OUT" "$LOGS" "$(dirname "$TB_RESULTS")" "$(dirname "$TB_TSV")"
 
 for row in $ROWS; do
@@ -241,7 +242,7 @@ BATCH_MAX="$(field "$B_OUT" 'transfer batch size =')"
 [[ "$BATCH_MAX" =~ ^[0-9]+$ ]] || die "no 'transfer batch size' in $B_OUT"
 log "baseline wrote $BASE_BYTES bytes (format + accounts); largest batch $BATCH_MAX"
 
-RAW="$TB_OUT/runs.tsv"
+RAW="${TB_TSV%.tsv}-runs.tsv"
 printf 'row\trun\tdistribution\tbatch\ttransfers\ttransfers_per_s\tp50_ms\tp99_ms\tp100_ms\tmean_batch_ms\trss_mib\tbytes_per_transfer\tdatafile_growth_per_transfer\twall_s\tcpu_pct\n' >"$RAW"
 for run in $(seq 1 "$RUNS"); do
     for row in $ROWS; do
@@ -352,5 +353,5 @@ disk_of() {
     tail -n +2 "$RAW" | sed 's/\t/ | /g; s/^/| /; s/$/ |/'
 } >"$TB_RESULTS"
 
-log "wrote $TB_RESULTS and $TB_TSV"
+log "wrote $TB_RESULTS and $TB_TSV (every run: $RAW, logs: $LOGS)"
 cat "$TB_RESULTS"
