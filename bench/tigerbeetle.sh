@@ -40,7 +40,10 @@
 #   ZIG_VERSION=<pinned>     override the version read from the checkout
 #   TB_RESULTS=bench/out/tigerbeetle.md   TB_TSV=bench/out/tigerbeetle.tsv
 #   BENCH_TMP=dir            where the data files go, the disk of tallyd's bench databases (default /tmp;
-#                            it must support O_DIRECT, so not tmpfs); each is 1-2 GiB, deleted after its run
+#                            it must support O_DIRECT, so not tmpfs). One at a time, deleted after its run, but
+#                            large: 1.1 GB formatted, growing about 1.8 KB a transfer (19 GB at 10,000,000 at
+#                            52ad553); the script refuses to start unless 1.2 GB + 2 KB a transfer of the
+#                            largest row is free there (SKIP_DISK_CHECK=1 skips that)
 #   RUN_TIMEOUT=600          seconds a benchmark run may take before it is killed (the script then fails)
 #   BUILD_TIMEOUT=1800       seconds the build may take      SKIP_BUILD=1  use $TB_OUT/zig-out/bin/tigerbeetle
 # Every process it starts runs in its own process group, killed on exit.
@@ -120,6 +123,17 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+if [[ "${SKIP_DISK_CHECK:-0}" != 1 ]]; then
+    most=0
+    for row in $ROWS; do
+        if [[ "${row##*_}" != max ]] && ((${row##*_} < 1000)); then n="$TRANSFERS_SMALL"; else n="$TRANSFERS_LARGE"; fi
+        ((n <= most)) || most="$n"
+    done
+    need=$((1200000000 + 2000 * most))
+    avail="$(df -B1 --output=avail "$WORK" | tail -n1 | tr -d ' ')"
+    ((avail >= need)) || die "$WORK has $((avail / 1000000)) MB free; a data file for $most transfers needs about $((need / 1000000)) MB (set BENCH_TMP, lower TRANSFERS_LARGE, or SKIP_DISK_CHECK=1)"
+fi
 
 # run_bounded DIR SECONDS STDOUT STDERR CMD...: runs CMD in DIR in a new process group (setsid), output to the
 # two files; returns its exit status, or 124 after killing the whole group when it outlives SECONDS.
