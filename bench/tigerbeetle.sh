@@ -7,7 +7,7 @@
 # The checkout must be a git clone (TigerBeetle's build.zig runs `git rev-parse` and `git tag`), not an
 # archive. The script installs the Zig release the checkout pins (zig/download.sh's ZIG_RELEASE, or
 # .zigversion) from PyPI's `ziglang` package into a venv, builds the release binary (`zig build -Drelease`,
-# every output under TB_OUT, nothing but zig's own lock files written into the checkout), then runs
+# every output under TB_OUT, nothing written into the checkout), then runs
 # `tigerbeetle benchmark` once per row and run. The benchmark formats a single-replica data file, starts that
 # replica on 127.0.0.1 with a port the OS picks (`--addresses=0`), creates the accounts, sends the transfers
 # from one client with one batch in flight, and prints the transfer rate, the batch latency percentiles (1 ms
