@@ -124,6 +124,8 @@ pub async fn run(
         metrics,
         workers: usize::from(config.workers),
         body_limit_bytes: config.body_limit_bytes as usize,
+        bulk_items_max: config.bulk_items_max as usize,
+        bulk_body_limit_bytes: config.bulk_body_limit_bytes(),
         request_timeout: config.request_timeout(),
         keys,
         limiter,

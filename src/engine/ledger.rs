@@ -38,8 +38,8 @@ type Set<K> = HashSet<K, ahash::RandomState>;
 use super::accounts::Accounts;
 use super::keys::KeyIndex;
 use crate::domain::{
-    Account, Amount, CardNumber, Command, IdempotencyKey, Kind, OpenAccountRequest, TransactionRequest,
-    TransferRequest,
+    Account, Amount, BulkTransferRequest, CardNumber, Command, IdempotencyKey, Kind, OpenAccountRequest,
+    TransactionRequest, TransferRequest,
 };
 use crate::store::{
     AccountState, Batch, IdempotencyRecord, LedgerState, Leg, NewAccount, Store, StoreError, StoredAnswer,
@@ -69,6 +69,9 @@ pub enum Outcome {
     Refused(Refusal),
     /// The key was used before by the same request: its first answer, byte for byte.
     Replayed(StoredAnswer),
+    /// `POST /transfers/bulk`: one outcome per item, in order, each decided as a single
+    /// `POST /transfers` would be (so an item may be `Transferred`, `Refused` or `Replayed`).
+    Bulk(Vec<Outcome>),
     /// The batch could not be committed (disk full, read-only, I/O error). Nothing changed.
     StorageFailed,
 }
@@ -522,10 +525,8 @@ impl<S: Store> Ledger<S> {
         // another key's (a hash collision) does not count.
         let wanted: Vec<(ScopedKey<'a>, i64)> = commands
             .iter()
-            .filter_map(|(_, key)| {
-                let (scope, key) = (*key)?;
-                committed.key_candidate(scope, key).map(|id| ((scope, key), id))
-            })
+            .flat_map(|(command, key)| key.iter().copied().chain(bulk_item_keys(command)))
+            .filter_map(|(scope, key)| committed.key_candidate(scope, key).map(|id| ((scope, key), id)))
             .collect();
         let ids: Vec<i64> = wanted.iter().map(|(_, id)| *id).collect();
         match self.store.idempotent_answers(&ids) {
@@ -615,7 +616,7 @@ fn decide_keyed<'a>(
     key: Option<ScopedKey<'a>>,
 ) -> Outcome {
     let Some((scope, key)) = key else {
-        return execute(committed, staging, command);
+        return execute(committed, staging, render, command);
     };
     if staging.keys_unknown {
         return Outcome::StorageFailed;
@@ -629,10 +630,11 @@ fn decide_keyed<'a>(
             Outcome::Refused(Refusal::IdempotencyKeyReused)
         };
     }
-    let outcome = execute(committed, staging, command);
+    let outcome = execute(committed, staging, render, command);
     let transaction_id = match outcome {
         Outcome::Posted { id, .. } | Outcome::Transferred { id, .. } => Some(id),
-        Outcome::Opened { .. } | Outcome::Refused(_) => None,
+        // A bulk request's own key keeps its whole answer; each item's key names its transaction.
+        Outcome::Opened { .. } | Outcome::Refused(_) | Outcome::Bulk(_) => None,
         // Nothing was decided: a retry must be free to run.
         Outcome::Replayed(_) | Outcome::StorageFailed => return outcome,
     };
@@ -659,13 +661,52 @@ fn decide_keyed<'a>(
     outcome
 }
 
-fn execute<'a>(committed: &Committed, staging: &mut Staging<'a>, command: &'a Command) -> Outcome {
+fn execute<'a>(
+    committed: &Committed,
+    staging: &mut Staging<'a>,
+    render: Render,
+    command: &'a Command,
+) -> Outcome {
     let decided = match command {
         Command::OpenAccount(open) => open_account(committed, staging, open),
         Command::Transaction(transaction) => post(committed, staging, transaction),
         Command::Transfer(transfer) => transfer_between(committed, staging, transfer),
+        Command::BulkTransfer(bulk) => Ok(bulk_transfer(committed, staging, render, bulk)),
     };
     decided.unwrap_or_else(Outcome::Refused)
+}
+
+/// Each item of a bulk request in order, under its own key, exactly as if it were a single
+/// `POST /transfers` at this point of the batch: one item's refusal leaves its neighbours alone
+/// (this is not the all-or-nothing `POST /batches`).
+fn bulk_transfer<'a>(
+    committed: &Committed,
+    staging: &mut Staging<'a>,
+    render: Render,
+    bulk: &'a BulkTransferRequest,
+) -> Outcome {
+    let outcomes = bulk
+        .items
+        .iter()
+        .map(|item| {
+            let key = item.key.as_ref().map(|key| (bulk.item_scope, key));
+            decide_keyed(committed, staging, render, &item.command, key)
+        })
+        .collect();
+    Outcome::Bulk(outcomes)
+}
+
+/// The keys of a bulk request's items (none for any other command), looked up with the batch's.
+fn bulk_item_keys<'a>(command: &'a Command) -> impl Iterator<Item = ScopedKey<'a>> + 'a {
+    let items = match command {
+        Command::BulkTransfer(bulk) => Some(bulk.as_ref()),
+        _ => None,
+    };
+    items.into_iter().flat_map(|bulk| {
+        bulk.items
+            .iter()
+            .filter_map(move |item| item.key.as_ref().map(|key| (bulk.item_scope, key)))
+    })
 }
 
 fn state(committed: &Committed, staging: &Staging<'_>, card: &CardNumber) -> Result<AccountState, Refusal> {
@@ -1254,6 +1295,7 @@ mod tests {
                             _ => None,
                         }
                     }
+                    Command::BulkTransfer(_) => unreachable!("this model sends no bulk requests"),
                 };
                 match (expected_id, outcome) {
                     (Some(balance), Outcome::Posted { id, balance: got, .. }) => {

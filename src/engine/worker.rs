@@ -2,18 +2,26 @@
 //! between batches, prune expired idempotency keys and write a chunk of balances back to the
 //! accounts' rows. At a clean stop, the last worker out writes back everything, so that the next
 //! start replays nothing.
+//!
+//! A batch's size is counted in transactions, not jobs: a bulk request of 8,190 transfers weighs
+//! 8,190, so that it is a commit of its own and the single requests queued behind it go into the
+//! next one instead of waiting for more bulk requests to be decided beside it. A job that would
+//! take a batch past `--batch-max` waits for the next batch (never more than one job is held back,
+//! and it goes first), so the queue stays in arrival order and no one is starved.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{EngineState, Job, Ledger};
+use crate::domain::Command;
 use crate::store::Store;
 use crate::telemetry;
 
 #[derive(Debug, Clone, Copy)]
 pub(super) struct BatchLimits {
-    /// Most commands in one batch.
+    /// Most transactions in one batch (a bulk request counts its items; one bigger than this is a
+    /// batch on its own).
     pub max: usize,
     /// Longest wait for more commands once a batch has one (zero: take only what is waiting).
     pub wait: Duration,
@@ -39,8 +47,14 @@ pub(super) fn run<S: Store>(
     let mut batch = Vec::with_capacity(limits.max);
     let mut pruned_at = Instant::now();
     let mut backlog = false;
+    // The job that did not fit into the last batch: the first of the next one.
+    let mut held: Option<Job> = None;
     loop {
-        let first = match queue.recv_timeout(PRUNE_PERIOD) {
+        let first = match held
+            .take()
+            .map(Ok)
+            .unwrap_or_else(|| queue.recv_timeout(PRUNE_PERIOD))
+        {
             Ok(job) => Some(job),
             Err(flume::RecvTimeoutError::Timeout) => None,
             Err(flume::RecvTimeoutError::Disconnected) => return write_back_all(&ledger),
@@ -60,7 +74,7 @@ pub(super) fn run<S: Store>(
             return;
         };
         // Take what piled up while we waited for the lock: this is where batches grow under load.
-        fill(&queue, &mut batch, limits);
+        held = fill(&queue, &mut batch, limits);
         state.in_progress.fetch_add(batch.len() - 1, Ordering::Relaxed);
         let started = Instant::now();
         let report = locked.apply_batch(
@@ -70,7 +84,8 @@ pub(super) fn run<S: Store>(
             crate::unix_ms_now(),
         );
         drop(locked);
-        telemetry::record_batch(batch.len(), started.elapsed(), report.commit_ok);
+        let transactions = batch.iter().map(weight).sum();
+        telemetry::record_batch(transactions, started.elapsed(), report.commit_ok);
         *state
             .totals
             .lock()
@@ -142,17 +157,33 @@ fn prune<S: Store>(ledger: &Mutex<Ledger<S>>, retention: Duration) -> usize {
     }
 }
 
-fn fill(queue: &flume::Receiver<Job>, batch: &mut Vec<Job>, limits: BatchLimits) {
+/// How many transactions a job asks for: its weight against [`BatchLimits::max`].
+fn weight(job: &Job) -> usize {
+    match &job.command {
+        Command::BulkTransfer(bulk) => bulk.items.len(),
+        _ => 1,
+    }
+}
+
+/// Adds what is waiting to `batch` (which holds its first job) up to `limits.max` transactions;
+/// returns the job that would have gone past the limit, for the next batch.
+fn fill(queue: &flume::Receiver<Job>, batch: &mut Vec<Job>, limits: BatchLimits) -> Option<Job> {
     let deadline = Instant::now() + limits.wait;
-    while batch.len() < limits.max {
+    let mut weighed: usize = batch.iter().map(weight).sum();
+    while weighed < limits.max {
         let next = if limits.wait.is_zero() {
             queue.try_recv().ok()
         } else {
             queue.recv_deadline(deadline).ok()
         };
         match next {
-            Some(job) => batch.push(job),
+            Some(job) if weighed + weight(&job) > limits.max => return Some(job),
+            Some(job) => {
+                weighed += weight(&job);
+                batch.push(job);
+            }
             None => break,
         }
     }
+    None
 }

@@ -33,6 +33,10 @@ pub struct App {
     pub workers: usize,
     /// Largest request body accepted.
     pub body_limit_bytes: usize,
+    /// Most transfers in one `POST /transfers/bulk`.
+    pub bulk_items_max: usize,
+    /// Largest body of a JSON `POST /transfers/bulk` ([`crate::config::Config::bulk_body_limit_bytes`]).
+    pub bulk_body_limit_bytes: usize,
     /// Longest a client may take to send a request body.
     pub request_timeout: Duration,
     /// The API keys in force, swapped by the reload thread.

@@ -20,7 +20,7 @@ use super::{decode, openapi, App};
 use crate::analytics::OutcomeLabel;
 use crate::auth::keys::Scope;
 use crate::auth::{Caller, IdempotencyScopes};
-use crate::domain::{CardNumber, Command, Kind, MONEY_SCOPES};
+use crate::domain::{CardNumber, Command, Kind, BULK_SCOPE, MONEY_SCOPES};
 use crate::engine::Outcome;
 use crate::store::{AccountState, AccountView, Reader, StoreError};
 use crate::telemetry;
@@ -39,6 +39,8 @@ pub(super) enum Route {
     Transaction,
     Transfers,
     Accounts,
+    /// `POST /transfers/bulk`: many transfers, each decided on its own, in one commit.
+    TransfersBulk,
     Account,
     AccountEntries,
     Transactions,
@@ -53,10 +55,11 @@ pub(super) enum Route {
 }
 
 impl Route {
-    pub(super) const ALL: [Route; 14] = [
+    pub(super) const ALL: [Route; 15] = [
         Route::Transaction,
         Route::Transfers,
         Route::Accounts,
+        Route::TransfersBulk,
         Route::Account,
         Route::AccountEntries,
         Route::Transactions,
@@ -76,6 +79,7 @@ impl Route {
             Route::Transaction => "/transaction",
             Route::Transfers => "/transfers",
             Route::Accounts => "/accounts",
+            Route::TransfersBulk => "/transfers/bulk",
             Route::Account => "/accounts/{card}",
             Route::AccountEntries => "/accounts/{card}/entries",
             Route::Transactions => "/transactions",
@@ -92,14 +96,22 @@ impl Route {
 
     /// The label of a `POST` route, from its path.
     fn of_post(path: &str) -> &'static str {
-        [Route::Transaction, Route::Transfers, Route::Accounts]
-            .into_iter()
-            .find(|route| route.pattern() == path)
-            .map_or("other", Route::pattern)
+        [
+            Route::Transaction,
+            Route::Transfers,
+            Route::Accounts,
+            Route::TransfersBulk,
+        ]
+        .into_iter()
+        .find(|route| route.pattern() == path)
+        .map_or("other", Route::pattern)
     }
 
     pub(super) fn is_post(self) -> bool {
-        matches!(self, Route::Transaction | Route::Transfers | Route::Accounts)
+        matches!(
+            self,
+            Route::Transaction | Route::Transfers | Route::Accounts | Route::TransfersBulk
+        )
     }
 
     /// The methods this route accepts, as an `Allow` header says them.
@@ -119,7 +131,9 @@ impl Route {
         match self {
             Route::Healthz | Route::Readyz | Route::OpenApi => None,
             Route::Metrics | Route::Stats | Route::Dashboard if metrics_public => None,
-            Route::Transaction | Route::Transfers | Route::Accounts => Some(Scope::Write),
+            Route::Transaction | Route::Transfers | Route::Accounts | Route::TransfersBulk => {
+                Some(Scope::Write)
+            }
             Route::Metrics
             | Route::Stats
             | Route::Dashboard
@@ -215,6 +229,7 @@ where
             })
             .await
         }
+        Some(Route::TransfersBulk) => bulk(&app, request, scopes).await,
         Some(Route::Account) => account(&app, &param("card")).await,
         Some(Route::AccountEntries) => entries(&app, &param("card"), query).await,
         Some(Route::Transactions) => {
@@ -287,6 +302,7 @@ where
             Command::Transaction(transaction) => transaction.amount.kind().as_str(),
             Command::Transfer(_) => Kind::Transfer.as_str(),
             Command::OpenAccount(_) => "account",
+            Command::BulkTransfer(_) => Kind::Transfer.as_str(),
         };
         // Idempotency keys are scoped per API key as well as per route: two callers never share
         // (or replay) each other's answers. Without keys the scope is the route, as before.
@@ -330,6 +346,16 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    read_body_within(app, request, app.body_limit_bytes).await
+}
+
+/// Reads the whole body within `limit_bytes` and the time limit. The frames are gathered and
+/// copied once into one buffer (none at all when the body came in one frame).
+async fn read_body_within<B>(app: &App, request: Request<B>, limit_bytes: usize) -> Result<Bytes, ApiError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     if let Some(content_type) = request.headers().get(CONTENT_TYPE) {
         let is_json = content_type
             .to_str()
@@ -352,17 +378,17 @@ where
     let too_large = || {
         ApiError::new(
             ErrorCode::BodyTooLarge,
-            format!("the body is larger than {} bytes", app.body_limit_bytes),
+            format!("the body is larger than {limit_bytes} bytes"),
         )
     };
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > app.body_limit_bytes as u64) {
+    if declared.is_some_and(|length| length > limit_bytes as u64) {
         return Err(too_large());
     }
-    let limited = Limited::new(request.into_body(), app.body_limit_bytes);
+    let limited = Limited::new(request.into_body(), limit_bytes);
     match tokio::time::timeout(app.request_timeout, limited.collect()).await {
         Err(_) => Err(ApiError::new(
             ErrorCode::RequestTimeout,
@@ -377,6 +403,110 @@ where
             format!("the body could not be read: {error}"),
         )),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+/// The request's one `Idempotency-Key` header, if it has one.
+fn request_key(headers: &hyper::HeaderMap) -> Result<Option<crate::domain::IdempotencyKey>, ApiError> {
+    let mut keys = headers.get_all("idempotency-key").iter();
+    let key = keys.next().map(HeaderValue::as_bytes);
+    if keys.next().is_some() {
+        // With two, a retry, a proxy or a log may each go by another one.
+        return Err(ApiError::new(
+            ErrorCode::InvalidIdempotencyKey,
+            "send one Idempotency-Key header, not several",
+        ));
+    }
+    decode::idempotency_key(key)
+}
+
+/// `POST /transfers/bulk`: every item decoded first (one bad item refuses the request with its
+/// index, and nothing is queued), then the whole request queued as one job, decided item by item
+/// in one batch, and answered once that batch is durable. The request's own `Idempotency-Key`
+/// replays the whole answer; each item's `idempotency_key` is a `POST /transfers` key.
+async fn bulk<B>(app: &App, request: Request<B>, scopes: Option<IdempotencyScopes>) -> HttpResponse
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let started = Instant::now();
+    let mut counted: Option<(Command, Outcome)> = None;
+    let result = async {
+        let key = request_key(request.headers())?;
+        let body = read_body_within(app, request, app.bulk_body_limit_bytes).await?;
+        let item_scope = scopes.map_or("/transfers", |scopes| scopes.of("/transfers"));
+        let bulk = decode::bulk(&body, app.bulk_items_max, item_scope)?;
+        drop(body);
+        let command = Command::BulkTransfer(Arc::new(bulk));
+        let scope = scopes.map_or(BULK_SCOPE, |scopes| scopes.of(BULK_SCOPE));
+        let answer = app.engine.submit(command.clone(), key, scope)?;
+        // Queued: it will be decided whatever happens to this request (see `post`).
+        let outcome = answer
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::Internal, "the command's worker stopped"))?;
+        let replayed = matches!(outcome, Outcome::Replayed(_));
+        let (status, body) = outcome_result(&command, &outcome)?;
+        let mut response = bytes_response(status, body);
+        if replayed {
+            response
+                .headers_mut()
+                .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        }
+        counted = Some((command, outcome));
+        Ok::<_, ApiError>(response)
+    }
+    .await;
+    let latency = started.elapsed();
+    match result {
+        Ok(response) => {
+            if let Some((command, outcome)) = counted {
+                record_bulk(app, &command, &outcome, latency);
+            }
+            response
+        }
+        Err(error) => {
+            let label = error.outcome_label();
+            app.analytics.record(label, latency);
+            telemetry::record_transaction(Kind::Transfer.as_str(), label, latency);
+            error.into_response()
+        }
+    }
+}
+
+/// Counts a decided bulk request's items by outcome, as if each were a `POST /transfers`; a
+/// request replayed whole counts as one replay.
+fn record_bulk(app: &App, command: &Command, outcome: &Outcome, latency: std::time::Duration) {
+    let route = Route::TransfersBulk.pattern();
+    let (Command::BulkTransfer(bulk), Outcome::Bulk(outcomes)) = (command, outcome) else {
+        if matches!(outcome, Outcome::Replayed(_)) {
+            telemetry::record_replay(route);
+        }
+        return;
+    };
+    let mut counts = [0_u64; OutcomeLabel::ALL.len()];
+    let mut replays = 0;
+    for (item, outcome) in bulk.items.iter().zip(outcomes) {
+        let label = match outcome {
+            Outcome::Transferred { .. } => OutcomeLabel::Committed,
+            Outcome::Replayed(_) => {
+                replays += 1;
+                continue;
+            }
+            _ => match outcome_result(&item.command, outcome) {
+                Ok(_) => OutcomeLabel::Committed,
+                Err(error) => error.outcome_label(),
+            },
+        };
+        counts[label as usize] += 1;
+    }
+    for (label, count) in OutcomeLabel::ALL.into_iter().zip(counts) {
+        if count > 0 {
+            app.analytics.record_many(label, count, latency);
+            telemetry::record_transactions(Kind::Transfer.as_str(), label, count, latency);
+        }
+    }
+    if replays > 0 {
+        telemetry::record_replays(Route::Transfers.pattern(), replays);
     }
 }
 
