@@ -224,7 +224,10 @@ mod tests {
     #[test]
     fn every_request_body_field_is_documented_and_every_example_decodes() {
         let doc = document();
-        let decoders: [(&str, &str, Decoder); 3] = [
+        let decoders: [(&str, &str, Decoder); 4] = [
+            ("/transfers/bulk", "BulkTransferRequest", |b| {
+                refusal(decode::bulk(b, 8190, "/transfers"))
+            }),
             ("/transaction", "TransactionRequest", |b| {
                 refusal(decode::transaction(b))
             }),
