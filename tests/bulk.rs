@@ -520,3 +520,116 @@ async fn single_transfers_complete_under_a_stream_of_bulk_requests() {
     let (opening, current) = db_totals(&server.sqlite());
     assert_eq!(opening, current);
 }
+
+const NDJSON: [(&str, &str); 1] = [("content-type", "application/x-ndjson")];
+
+/// The result lines of an NDJSON answer, each checked to be at its index.
+fn result_lines(reply: &Reply) -> Vec<Value> {
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/x-ndjson"),
+        "{}",
+        reply.text
+    );
+    let lines: Vec<Value> = reply
+        .text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    for (index, line) in lines.iter().enumerate() {
+        assert_eq!(line["index"], index, "{line}");
+    }
+    lines
+}
+
+/// A stream larger than any JSON body the server takes, cut into commits of --bulk-items-max lines:
+/// every line answered in order, once, with the stream's own limit on memory (not on size).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ndjson_stream_larger_than_the_body_limit_commits_run_by_run() {
+    const LINES: u32 = 30_000;
+    let server = Server::start(&["--bulk-items-max", "1000", "--body-limit-bytes", "65536"]);
+    let mut client = server.client().await;
+    let mut body = String::new();
+    for i in 0..LINES {
+        body.push_str(&keyed_item(
+            &card(1 + i % 500),
+            &card(1 + (i + 1) % 500),
+            1,
+            &format!("line-{i}"),
+        ));
+        body.push_str(if i % 1000 == 7 { "\r\n\n" } else { "\n" });
+    }
+    assert!(body.len() > 1000 * 1024, "larger than the JSON bulk limit");
+    let reply = client.post_with("/transfers/bulk", &body, &NDJSON).await;
+    assert_eq!(reply.status, 200);
+    let lines = result_lines(&reply);
+    assert_eq!(
+        lines.len(),
+        LINES as usize,
+        "blank lines are skipped, \\r\\n is a line end"
+    );
+    assert!(lines.iter().all(|line| line["status"] == 200));
+    assert_eq!(db_transactions(&server.sqlite()), i64::from(LINES));
+    // The same stream again: every line replayed by its key, nothing moves.
+    let again = client.post_with("/transfers/bulk", &body, &NDJSON).await;
+    assert!(result_lines(&again).iter().all(|line| line["replayed"] == true));
+    assert_eq!(db_transactions(&server.sqlite()), i64::from(LINES));
+    // The request's own key has no meaning for a stream that is not stored whole.
+    let keyed = [NDJSON[0], ("idempotency-key", "whole")];
+    let refused = client.post_with("/transfers/bulk", &body[..200], &keyed).await;
+    assert_eq!(refused.error_code(), "invalid_idempotency_key");
+    server.verify();
+}
+
+/// A broken line: every line before it decided and durable (answered), the broken one answered with
+/// its 400 as the last line, nothing after it decided, so that the client resends from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ndjson_stream_with_a_broken_line_stops_there_with_everything_before_it_durable() {
+    let server = Server::start(&["--bulk-items-max", "100"]);
+    let mut client = server.client().await;
+    let line = |i: u32| transfer_body(&card(1 + i % 50), &card(51 + i % 50), 1);
+    for broken_at in [0_u32, 150, 299] {
+        let before = db_transactions(&server.sqlite());
+        let body: String = (0..300)
+            .map(|i| {
+                if i == broken_at {
+                    r#"{"source":"4000000000000001","amount":1"#.to_owned()
+                } else {
+                    line(i)
+                }
+            })
+            .map(|line| line + "\n")
+            .collect();
+        let reply = client.post_with("/transfers/bulk", &body, &NDJSON).await;
+        if broken_at == 0 {
+            // Nothing was decided: an ordinary refusal with the line's index.
+            assert_eq!(
+                (reply.status.as_u16(), reply.error_code().as_str()),
+                (400, "invalid_json")
+            );
+            assert_eq!(reply.json()["error"]["index"], 0);
+            assert_eq!(db_transactions(&server.sqlite()), before);
+            continue;
+        }
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        let lines = result_lines(&reply);
+        assert_eq!(lines.len(), broken_at as usize + 1, "the broken line is the last");
+        assert!(lines[..broken_at as usize]
+            .iter()
+            .all(|line| line["status"] == 200));
+        let last = &lines[broken_at as usize];
+        assert_eq!(
+            (last["status"].as_i64(), last["error"]["code"].as_str()),
+            (Some(400), Some("invalid_json")),
+            "{last}"
+        );
+        assert_eq!(
+            db_transactions(&server.sqlite()),
+            before + i64::from(broken_at),
+            "nothing after the broken line"
+        );
+    }
+    let (opening, current) = db_totals(&server.sqlite());
+    assert_eq!(opening, current);
+    server.verify();
+}

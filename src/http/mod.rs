@@ -5,6 +5,7 @@
 mod auth;
 pub mod decode;
 pub mod error;
+mod ndjson;
 pub mod openapi;
 mod routes;
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Body;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -16,7 +16,7 @@ use super::auth::{admit, Identity, Peer};
 use super::error::{
     bytes_response, json_response, outcome_result, ApiError, ErrorCode, HttpResponse, IDEMPOTENT_REPLAYED,
 };
-use super::{decode, openapi, App};
+use super::{decode, ndjson, openapi, App};
 use crate::analytics::OutcomeLabel;
 use crate::auth::keys::Scope;
 use crate::auth::{Caller, IdempotencyScopes};
@@ -167,14 +167,18 @@ fn router() -> &'static matchit::Router<Route> {
     })
 }
 
+/// What a route answers with: a whole body, or one written while the request is still being read
+/// (an NDJSON `POST /transfers/bulk`).
+pub type ResponseBody = Either<Full<Bytes>, ndjson::ChannelBody>;
+
 /// Answers one request from `peer`. Never fails: every problem becomes a JSON error response.
 pub async fn handle<B>(
     app: Arc<App>,
     peer: Arc<Peer>,
     request: Request<B>,
-) -> Result<HttpResponse, std::convert::Infallible>
+) -> Result<Response<ResponseBody>, std::convert::Infallible>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let path = request.uri().path().to_owned();
@@ -189,7 +193,7 @@ where
             (identity, Err(error)) => {
                 let response = error.into_response();
                 record(route, Some(&identity), response.status().as_u16());
-                return Ok(response);
+                return Ok(response.map(Either::Left));
             }
         },
     };
@@ -229,6 +233,11 @@ where
             })
             .await
         }
+        Some(Route::TransfersBulk) if ndjson::is_ndjson(request.headers()) => {
+            let response = ndjson::bulk(Arc::clone(&app), request, scopes).await;
+            record(route, identity.as_ref(), response.status().as_u16());
+            return Ok(response);
+        }
         Some(Route::TransfersBulk) => bulk(&app, request, scopes).await,
         Some(Route::Account) => account(&app, &param("card")).await,
         Some(Route::AccountEntries) => entries(&app, &param("card"), query).await,
@@ -249,7 +258,7 @@ where
         Some(Route::OpenApi) => openapi::document(),
     };
     record(route, identity.as_ref(), response.status().as_u16());
-    Ok(response)
+    Ok(response.map(Either::Left))
 }
 
 /// Counts an answer by route and status, and by caller when the route takes a key.
@@ -475,7 +484,7 @@ where
 
 /// Counts a decided bulk request's items by outcome, as if each were a `POST /transfers`; a
 /// request replayed whole counts as one replay.
-fn record_bulk(app: &App, command: &Command, outcome: &Outcome, latency: std::time::Duration) {
+pub(super) fn record_bulk(app: &App, command: &Command, outcome: &Outcome, latency: std::time::Duration) {
     let route = Route::TransfersBulk.pattern();
     let (Command::BulkTransfer(bulk), Outcome::Bulk(outcomes)) = (command, outcome) else {
         if matches!(outcome, Outcome::Replayed(_)) {
