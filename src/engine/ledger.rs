@@ -1107,6 +1107,75 @@ mod tests {
         assert_eq!(ledger.store.transactions[0].idempotency_key.as_ref(), Some(&key));
     }
 
+    fn bulk(items: &[(Command, Option<&str>)]) -> Command {
+        let items = items
+            .iter()
+            .map(|(command, key)| crate::domain::BulkItem {
+                command: command.clone(),
+                key: key.map(|key| IdempotencyKey::parse(key.as_bytes()).unwrap()),
+            })
+            .collect();
+        Command::BulkTransfer(Arc::new(BulkTransferRequest {
+            items,
+            item_scope: "/transfers",
+        }))
+    }
+
+    #[test]
+    fn a_bulk_request_decides_each_item_on_its_own_under_its_key_and_replays_whole_under_its_own() {
+        let mut ledger = ledger(&[(1, 100), (2, 0)]);
+        let single = transfer(1, 2, 10);
+        let key = IdempotencyKey::parse(b"item").unwrap();
+        // A single transfer first, under the key an item will use.
+        let report = ledger.apply_batch([(&single, Some(("/transfers", &key)))].into_iter(), 1_000);
+        assert!(matches!(report.outcomes[0], Outcome::Transferred { id: 1, .. }));
+        let request = bulk(&[
+            (transfer(1, 2, 10), Some("item")), // the single transfer's key and request: replayed
+            (transfer(1, 2, 500), None),        // refused, and leaves its neighbours alone
+            (transfer(2, 1, 5), Some("new")),   // executes
+            (transfer(2, 1, 6), Some("new")),   // the same key, another transfer: refused
+            (transfer(1, 9, 1), None),          // no such card
+        ]);
+        let whole = IdempotencyKey::parse(b"whole").unwrap();
+        let report = ledger.apply_batch(
+            [(&request, Some((crate::domain::BULK_SCOPE, &whole)))].into_iter(),
+            2_000,
+        );
+        let Outcome::Bulk(items) = &report.outcomes[0] else {
+            panic!("{:?}", report.outcomes[0]);
+        };
+        assert!(matches!(&items[0], Outcome::Replayed(stored) if stored.status == 200));
+        assert_eq!(
+            items[1],
+            Outcome::Refused(Refusal::InsufficientFunds { balance: 90 })
+        );
+        assert!(matches!(
+            items[2],
+            Outcome::Transferred {
+                id: 2,
+                source_balance: 5,
+                ..
+            }
+        ));
+        assert_eq!(items[3], Outcome::Refused(Refusal::IdempotencyKeyReused));
+        assert_eq!(
+            items[4],
+            Outcome::Refused(Refusal::CardNotFound { card: card(9) })
+        );
+        assert_eq!(ledger.store.transactions.len(), 2, "one new transaction");
+        // The whole request again under its key: its first answer, and nothing moves.
+        let report = ledger.apply_batch(
+            [(&request, Some((crate::domain::BULK_SCOPE, &whole)))].into_iter(),
+            3_000,
+        );
+        assert!(matches!(&report.outcomes[0], Outcome::Replayed(_)));
+        assert_eq!(ledger.store.transactions.len(), 2);
+        // A failed commit fails the whole bulk request.
+        ledger.store.fail_commits = true;
+        let report = run(&mut ledger, &[bulk(&[(transfer(1, 2, 1), None)])]);
+        assert_eq!(report.outcomes, [Outcome::StorageFailed]);
+    }
+
     #[test]
     fn a_decided_refusal_is_stored_and_replayed_even_when_it_would_now_pass() {
         let mut ledger = ledger(&[(1, 10), (2, 0)]);
