@@ -269,6 +269,11 @@ pub mod limits {
     /// card numbers, a 13-digit amount, a reference and a key of 255 bytes each) with room for
     /// spacing, as long as the reference and key are not written as `\u` escapes.
     pub const BULK_ITEM_BYTES_MAX: usize = 1024;
+    /// Bulk requests (JSON or NDJSON) being read, decoded, decided or streamed at once; one more
+    /// is 503 `queue_full` before its body is read. One job in the queue may be 8,190 transfers,
+    /// so the queue's depth alone does not bound their memory: this does, at about 10 MB each
+    /// (an 8 MiB body and its decoded items). 32 keeps two cores' worker busy many times over.
+    pub const BULK_REQUESTS_IN_FLIGHT_MAX: usize = 32;
     /// How often the rate limiter forgets callers whose buckets are full again.
     pub const RATE_LIMIT_SWEEP_PERIOD: Duration = Duration::from_secs(10);
 }

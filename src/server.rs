@@ -126,6 +126,7 @@ pub async fn run(
         body_limit_bytes: config.body_limit_bytes as usize,
         bulk_items_max: config.bulk_items_max as usize,
         bulk_body_limit_bytes: config.bulk_body_limit_bytes(),
+        bulk_slots: Arc::new(tokio::sync::Semaphore::new(limits::BULK_REQUESTS_IN_FLIGHT_MAX)),
         request_timeout: config.request_timeout(),
         keys,
         limiter,

@@ -633,3 +633,49 @@ async fn an_ndjson_stream_with_a_broken_line_stops_there_with_everything_before_
     assert_eq!(opening, current);
     server.verify();
 }
+
+/// Bulk requests in flight are bounded (32, `limits::BULK_REQUESTS_IN_FLIGHT_MAX`), so that their
+/// bodies and items cannot take memory without end: with 32 bodies stalled, one more is 503
+/// `queue_full` before its body is read, and once they are gone bulk requests are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_requests_in_flight_are_bounded_and_one_more_is_refused_before_its_body() {
+    use tokio::io::AsyncWriteExt;
+    const IN_FLIGHT_MAX: usize = 32;
+    let server = Server::start(&["--request-timeout-ms", "600000"]);
+    let mut stalled = Vec::new();
+    for _ in 0..IN_FLIGHT_MAX {
+        let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let head = "POST /transfers/bulk HTTP/1.1\r\nhost: tallyd\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"transfers\":[";
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stalled.push(stream);
+    }
+    let mut client = server.client().await;
+    let items = [transfer_body(&card(1), &card(2), 1)];
+    // The stalled requests take their places as the server reads their heads: ask until it says so.
+    let mut refused = None;
+    for _ in 0..1000 {
+        let reply = post_bulk(&mut client, &items).await;
+        if reply.status == 503 {
+            refused = Some(reply);
+            break;
+        }
+        assert_eq!(reply.status, 200, "{}", reply.text);
+    }
+    let refused = refused.expect("the 33rd bulk request in flight was refused");
+    assert_eq!(refused.error_code(), "queue_full");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    // Single transfers are not held up by it.
+    assert_eq!(client.transfer(&card(3), &card(4), 1).await.status, 200);
+    drop(stalled);
+    let mut served = false;
+    for _ in 0..1000 {
+        if post_bulk(&mut client, &items).await.status == 200 {
+            served = true;
+            break;
+        }
+    }
+    assert!(
+        served,
+        "bulk requests are served again once the stalled ones are gone"
+    );
+}

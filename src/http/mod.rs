@@ -38,6 +38,8 @@ pub struct App {
     pub bulk_items_max: usize,
     /// Largest body of a JSON `POST /transfers/bulk` ([`crate::config::Config::bulk_body_limit_bytes`]).
     pub bulk_body_limit_bytes: usize,
+    /// One permit per bulk request in flight ([`crate::config::limits::BULK_REQUESTS_IN_FLIGHT_MAX`]).
+    pub bulk_slots: Arc<tokio::sync::Semaphore>,
     /// Longest a client may take to send a request body.
     pub request_timeout: Duration,
     /// The API keys in force, swapped by the reload thread.

@@ -260,6 +260,10 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     use http_body_util::Either;
+    let slot = match super::routes::bulk_slot(&app) {
+        Ok(slot) => slot,
+        Err(error) => return error.into_response().map(Either::Left),
+    };
     if request.headers().contains_key("idempotency-key") {
         let error = ApiError::new(
             ErrorCode::InvalidIdempotencyKey,
@@ -299,6 +303,8 @@ where
     let _ = sender.try_send(Bytes::from(first));
     if run.stopped.is_none() && !run.ended {
         tokio::spawn(async move {
+            // The request's place among the bulk requests in flight, until its stream ends.
+            let _slot = slot;
             loop {
                 let run = read_run(&mut lines, app.bulk_items_max).await;
                 if !run.items.is_empty() {

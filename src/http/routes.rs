@@ -441,6 +441,7 @@ where
     let started = Instant::now();
     let mut counted: Option<(Command, Outcome)> = None;
     let result = async {
+        let _slot = bulk_slot(app)?;
         let key = request_key(request.headers())?;
         let body = read_body_within(app, request, app.bulk_body_limit_bytes).await?;
         let item_scope = scopes.map_or("/transfers", |scopes| scopes.of("/transfers"));
@@ -480,6 +481,13 @@ where
             error.into_response()
         }
     }
+}
+
+/// A place among the bulk requests in flight, or 503 `queue_full` before the body is read.
+pub(super) fn bulk_slot(app: &App) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    Arc::clone(&app.bulk_slots)
+        .try_acquire_owned()
+        .map_err(|_| ApiError::from(crate::engine::SubmitError::QueueFull))
 }
 
 /// Counts a decided bulk request's items by outcome, as if each were a `POST /transfers`; a
