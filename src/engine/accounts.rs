@@ -44,6 +44,10 @@ fn unpack(slot: &PackedAccount) -> AccountState {
 /// lookup from 95 to 79 ns on 100,000 accounts with the caches cold.)
 const FENCE_STRIDE: usize = 16;
 
+/// Fewest accounts [`Accounts::set_all`] sorts first: below it, a sort buys nothing over a few
+/// bisections.
+const SET_ALL_SORTED_MIN: usize = 64;
+
 #[derive(Default)]
 pub struct Accounts {
     /// Sorted by key, keys unique.
@@ -122,6 +126,51 @@ impl Accounts {
                 self.opened.insert(key, pack(key, state, dirty));
             }
         }
+    }
+
+    /// [`Accounts::set`] for every account of a committed batch, in key order: each key is then at
+    /// or after the one before, so it is found by galloping forward from there through slots that
+    /// are in the cache already, instead of by a bisection that misses it. (A batch of 8,190 uniform
+    /// transfers sets 16,000 accounts; set one by one in the order a hash map gives them, they were
+    /// a sixth of the worker's time.)
+    pub fn set_all<'a>(&mut self, states: impl IntoIterator<Item = (&'a CardNumber, AccountState)>) {
+        let states: Vec<(&CardNumber, AccountState)> = states.into_iter().collect();
+        if states.len() < SET_ALL_SORTED_MIN {
+            for (card, state) in states {
+                self.set(card, state);
+            }
+            return;
+        }
+        let mut keyed: Vec<(CardKey, AccountState)> = states
+            .into_iter()
+            .map(|(card, state)| (CardKey::of(card), state))
+            .collect();
+        keyed.sort_unstable_by_key(|(key, _)| *key);
+        let mut from = 0;
+        for (key, state) in keyed {
+            let dirty = state.last_transaction_id.is_some();
+            let at = self.gallop(from, key);
+            if self.sorted.get(at).is_some_and(|slot| slot.key == key) {
+                self.sorted[at] = pack(key, state, dirty);
+            } else {
+                self.opened.insert(key, pack(key, state, dirty));
+            }
+            from = at;
+        }
+    }
+
+    /// The first slot at or after `from` whose key is not below `key`: steps of 1, 2, 4, ... from
+    /// `from` until one is past it, then a bisection of the last step.
+    fn gallop(&self, from: usize, key: CardKey) -> usize {
+        let rest = &self.sorted[from.min(self.sorted.len())..];
+        let mut step = 1;
+        let mut low = 0;
+        while step <= rest.len() && rest[step - 1].key < key {
+            low = step;
+            step *= 2;
+        }
+        let high = step.min(rest.len());
+        from + low + rest[low..high].partition_point(|slot| slot.key < key)
     }
 
     /// Marks an account's row as owed to the write-back (after a replay).
@@ -265,6 +314,24 @@ mod tests {
             Some(state(9, Some(4))),
             "the mark is not the state"
         );
+    }
+
+    #[test]
+    fn setting_a_batch_of_accounts_in_key_order_sets_each_one() {
+        let cards: Vec<String> = (0..1000).map(|n| format!("4{:015}", n * 7)).collect();
+        let mut accounts = table(&cards);
+        let mut updates: Vec<(CardNumber, AccountState)> = (0..1000)
+            .step_by(3)
+            .map(|n| (card(&cards[n]), state(n as i64, Some(n as i64 + 1))))
+            .collect();
+        updates.push((card("5000000000000000"), state(5, Some(9))));
+        updates.reverse();
+        accounts.set_all(updates.iter().map(|(card, state)| (card, *state)));
+        for (card, expected) in &updates {
+            assert_eq!(accounts.get(card), Some(*expected), "{card}");
+        }
+        assert_eq!(accounts.get(&card(&cards[1])), Some(state(1, None)), "untouched");
+        assert_eq!(accounts.len(), 1001, "the new card is opened");
     }
 
     #[test]

@@ -563,10 +563,8 @@ impl<S: Store> Ledger<S> {
         self.totals.balance_sum += card_delta;
         self.totals.accounts += staging.batch.accounts.len() as i64;
         let mut committed = self.committed.write();
-        for (card, state) in staging.cards {
-            // Marks the row for the write-back when the account moved.
-            committed.cards.set(card, state);
-        }
+        // Marks the rows for the write-back of the accounts that moved.
+        committed.cards.set_all(staging.cards);
         if committed.world != staging.world {
             self.write_back.dirty_world = true;
         }
