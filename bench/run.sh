@@ -23,7 +23,15 @@
 #    run), with the engine's bytes per account and the start-up time after a clean stop and after SIGKILL;
 #    the 100,000-card rows of tallyd and transfers measure their start-up too, for the scale table)
 #    https: tallyd over TLS (a self-signed P-256 certificate made with openssl for the run), keep-alive;
-#    keyed_auth: tallyd with an API key created on the fresh database, sent on every request as a Bearer token)
+#    keyed_auth: tallyd with an API key created on the fresh database, sent on every request as a Bearer token;
+#    bulk100, bulk8190, bulk8190_zipf, bulk8190_hot: POST /transfers/bulk of 100 or 8,190 transfers a request
+#    (bench/bulk.lua: uniform, Zipf s = 1.0, or all to one merchant card), with transfers/s counted from the items
+#    answered 200 and bytes written per transfer from /proc/<pid>/io write_bytes;
+#    bulk_mixed: bulk8190's load and, beside it on SINGLE_CONNS more connections, POST /transfers (uniform), whose
+#    own p50/p99 is reported: single transfers under a concurrent bulk load)
+#   SINGLE_CONNS=16  connections of bulk_mixed's single transfers
+#   TIGERBEETLE=cmd  optional: a command run once after the runs (e.g. bench/tigerbeetle.sh, written elsewhere)
+#                    whose output is appended to the results as it is
 #   BASELINE_REV=758fffc  the commit the baseline target builds (in a git worktree under bench/out/)
 #   RESULTS=path   where the table goes              BENCH_TMP=dir where the fresh databases go (default /tmp)
 #   JOBS=2         cargo build -j                    SKIP_BUILD=1  use the binaries already built
@@ -138,9 +146,11 @@ target_command() {
     workers4) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full --workers 4" ;;
     keyed | keyed_auth | transfers | transfers_zipf | transfers_hot | tallyd_1m | tallyd_10m | transfers_1m | transfers_10m)
         echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full" ;;
+    bulk100 | bulk8190 | bulk8190_zipf | bulk8190_hot | bulk_mixed)
+        echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full" ;;
     https) echo "$TALLYD serve --listen 127.0.0.1:0 --db DB --durability full --tls-cert $WORK/tls.pem --tls-key $WORK/tls.key" ;;
     baseline) echo "$BASELINE serve --listen 127.0.0.1:0 --db DB --durability full" ;;
-    *) die "unknown target $1 (noop, tallyd, batch1, normal, workers1, workers2, workers4, keyed, keyed_auth, https, transfers, transfers_zipf, transfers_hot, baseline, tallyd_1m, tallyd_10m, transfers_1m, transfers_10m)" ;;
+    *) die "unknown target $1 (noop, tallyd, batch1, normal, workers1, workers2, workers4, keyed, keyed_auth, https, transfers, transfers_zipf, transfers_hot, baseline, tallyd_1m, tallyd_10m, transfers_1m, transfers_10m, bulk100, bulk8190, bulk8190_zipf, bulk8190_hot, bulk_mixed)" ;;
     esac
 }
 # The wrk script and its arguments (after the card count) of each target.
@@ -150,6 +160,10 @@ target_script() {
     transfers | transfers_1m | transfers_10m) echo "bench/transfers.lua uniform" ;;
     transfers_zipf) echo "bench/transfers.lua zipf" ;;
     transfers_hot) echo "bench/transfers.lua hot" ;;
+    bulk100) echo "bench/bulk.lua uniform 100" ;;
+    bulk8190 | bulk_mixed) echo "bench/bulk.lua uniform 8190" ;;
+    bulk8190_zipf) echo "bench/bulk.lua zipf 8190" ;;
+    bulk8190_hot) echo "bench/bulk.lua hot 8190" ;;
     *) echo "bench/transaction.lua" ;;
     esac
 }
@@ -173,8 +187,17 @@ target_label() {
     tallyd_10m) echo "tallyd, POST /transaction, 10,000,000 cards (full)" ;;
     transfers_1m) echo "tallyd, POST /transfers, 1,000,000 cards (full)" ;;
     transfers_10m) echo "tallyd, POST /transfers, 10,000,000 cards (full)" ;;
+    bulk100) echo "tallyd, POST /transfers/bulk of 100, uniform (full)" ;;
+    bulk8190) echo "tallyd, POST /transfers/bulk of 8,190, uniform (full)" ;;
+    bulk8190_zipf) echo "tallyd, POST /transfers/bulk of 8,190, Zipf s=1.0 (full)" ;;
+    bulk8190_hot) echo "tallyd, POST /transfers/bulk of 8,190, all to one merchant card (full)" ;;
+    bulk_mixed) echo "tallyd, bulk of 8,190 with POST /transfers beside it (full)" ;;
     esac
 }
+is_bulk() { [[ "$1" == bulk* ]]; }
+SINGLE_CONNS="${SINGLE_CONNS:-16}"
+# write_bytes PID: bytes the process has caused to be written to storage so far (/proc/PID/io).
+write_bytes() { awk '$1 == "write_bytes:" { print $2 }' "/proc/$1/io"; }
 # How many seeded cards a target's database holds (and its load draws from).
 target_cards() {
     case "$1" in
@@ -219,7 +242,7 @@ target_scheme() { [[ "$1" == https ]] && echo https || echo http; }
 mkdir -p "$OUT"
 rm -f "$OUT"/*.log "$OUT"/*.metrics.txt
 RAW="$OUT/runs.tsv"
-printf 'target\tconns\trun\trequests\trps\tok200\tok_rps\tp50_ms\tp99_ms\thwm_mib\trss_mib\tjournal_added\tmissing\ts422\ts503\tother\tsocket_errors\tbatch_mean\tcommit_ms\texit\tverify\taccounts\ttable_bytes_per_account\tstart_clean_ms\tstart_kill_ms\tverify_s\n' >"$RAW"
+printf 'target\tconns\trun\trequests\trps\tok200\tok_rps\tp50_ms\tp99_ms\thwm_mib\trss_mib\tjournal_added\tmissing\ts422\ts503\tother\tsocket_errors\tbatch_mean\tcommit_ms\texit\tverify\taccounts\ttable_bytes_per_account\tstart_clean_ms\tstart_kill_ms\tverify_s\ttransfers_per_s\tbytes_per_transfer\tsingle_ok_rps\tsingle_p50_ms\tsingle_p99_ms\n' >"$RAW"
 
 # run_one TARGET CONNS RUN: one server, one wrk run, one row of $RAW.
 run_one() {
@@ -250,12 +273,24 @@ run_one() {
 
     local script script_args
     read -r script script_args <<<"$(target_script "$target")"
+    local written_before=0 single_pid=""
+    [[ "$target" == noop ]] || written_before="$(write_bytes "$SERVER_PID")"
+    if [[ "$target" == bulk_mixed ]]; then
+        wrk -t1 -c"$SINGLE_CONNS" -d"$DURATION" --timeout "$WRK_TIMEOUT" -s bench/transfers.lua "$scheme://$SERVER_ADDR" -- "$cards" uniform \
+            >"$OUT/$name.single.wrk.log" 2>&1 &
+        single_pid=$!
+    fi
     # shellcheck disable=SC2086 # script_args is a list of words
     wrk -t"$THREADS" -c"$conns" -d"$DURATION" --timeout "$WRK_TIMEOUT" -s "$script" "$scheme://$SERVER_ADDR" -- "$cards" $script_args \
         >"$OUT/$name.wrk.log" 2>&1 || die "wrk failed: see $OUT/$name.wrk.log"
+    if [[ -n "$single_pid" ]]; then
+        wait "$single_pid" || die "wrk (single transfers) failed: see $OUT/$name.single.wrk.log"
+    fi
     local line
     line="$(grep '^BENCH ' "$OUT/$name.wrk.log" || true)"
     [[ -n "$line" ]] || die "no BENCH line from wrk: see $OUT/$name.wrk.log"
+    local written=0
+    [[ "$target" == noop ]] || written=$(($(write_bytes "$SERVER_PID") - written_before))
 
     local hwm_kib rss_kib batch_mean="-" commit_ms="-" accounts="-" per_account="-"
     hwm_kib="$(proc_kib "$SERVER_PID" VmHWM)"
@@ -301,10 +336,22 @@ run_one() {
     p50_us="$(bench_field "$line" p50_us)"
     p99_us="$(bench_field "$line" p99_us)"
 
+    # Bulk targets: the transfers are the items answered 200 (inside 200 answers), and bulk_mixed adds the
+    # single transfers' own figures.
+    local items_ok="$ok200" single_ok="-" single_p50="-" single_p99="-" single_line=""
+    if is_bulk "$target"; then items_ok="$(bench_field "$line" items_ok)"; fi
+    if [[ "$target" == bulk_mixed ]]; then
+        single_line="$(grep '^BENCH ' "$OUT/$name.single.wrk.log" || true)"
+        [[ -n "$single_line" ]] || die "no BENCH line from the single transfers: see $OUT/$name.single.wrk.log"
+        single_ok="$(bench_field "$single_line" ok200)"
+        single_p50="$(bench_field "$single_line" p50_us)"
+        single_p99="$(bench_field "$single_line" p99_us)"
+        items_ok=$((items_ok + single_ok))
+    fi
     local added="-" missing="-" verify="-" verify_s="-"
     if [[ "$target" != noop ]]; then
         added=$((journal_after - journal_before))
-        missing=$((ok200 > added ? ok200 - added : 0))
+        missing=$((items_ok > added ? items_ok - added : 0))
         local verifier="$TALLYD"
         [[ "$target" != baseline ]] || verifier="$BASELINE"
         local verify_started=$SECONDS
@@ -318,13 +365,18 @@ run_one() {
         -v missing="$missing" -v s422="$s422" -v s503="$s503" -v other="$other" -v sock="$sock" \
         -v batch="$batch_mean" -v commit="$commit_ms" -v exit_code="$run_exit" -v verify="$verify" \
         -v accounts="$accounts" -v per_account="$per_account" -v start_clean="$start_clean" -v start_kill="$start_kill" \
-        -v verify_s="$verify_s" 'BEGIN {
+        -v verify_s="$verify_s" -v items="$items_ok" -v written="$written" -v single_ok="$single_ok" \
+        -v single_p50="$single_p50" -v single_p99="$single_p99" 'BEGIN {
             print t, c, r, n, sprintf("%.0f", n / (d / 1e6)), ok, sprintf("%.0f", ok / (d / 1e6)),
                 sprintf("%.2f", p50 / 1000), sprintf("%.2f", p99 / 1000), sprintf("%.1f", hwm / 1024),
                 sprintf("%.1f", rss / 1024), added, missing, s422, s503, other, sock, batch, commit, exit_code, verify,
-                accounts, per_account, start_clean, start_kill, verify_s
+                accounts, per_account, start_clean, start_kill, verify_s,
+                sprintf("%.0f", items / (d / 1e6)), (added == "-" || added == 0) ? "-" : sprintf("%.0f", written / added),
+                single_ok == "-" ? "-" : sprintf("%.0f", single_ok / (d / 1e6)),
+                single_p50 == "-" ? "-" : sprintf("%.2f", single_p50 / 1000),
+                single_p99 == "-" ? "-" : sprintf("%.2f", single_p99 / 1000)
         }' >>"$RAW"
-    log "$(tail -n1 "$RAW" | awk -F'\t' '{ printf "%-7s c=%-4s run %s: %s req/s, %s 200/s, p50 %s ms, p99 %s ms, peak RSS %s MiB, journal +%s (missing %s), batch %s, commit %s ms, exit %s, verify %s", $1, $2, $3, $5, $7, $8, $9, $10, $12, $13, $18, $19, $20, $21 }')"
+    log "$(tail -n1 "$RAW" | awk -F'\t' '{ printf "%-7s c=%-4s run %s: %s req/s, %s 200/s, p50 %s ms, p99 %s ms, peak RSS %s MiB, journal +%s (missing %s), batch %s, commit %s ms, exit %s, verify %s, %s transfers/s, %s bytes/transfer, single p99 %s ms", $1, $2, $3, $5, $7, $8, $9, $10, $12, $13, $18, $19, $20, $21, $27, $28, $31 }')"
 }
 
 START_DATE="$(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -445,6 +497,34 @@ mkdir -p "$(dirname "$RESULTS")"
             done
         done
     fi
+    if [[ " $TARGETS " == *" bulk"* ]]; then
+        echo
+        echo "## Bulk transfers: POST /transfers/bulk (issue 19)"
+        echo
+        echo "Transfers/s counts the items answered 200 inside 200 answers (bulk_mixed: with the single transfers beside"
+        echo "them); p50/p99 are per request. Bytes per transfer is the server's /proc/<pid>/io write_bytes over the run"
+        echo "divided by the transactions added (journal, WAL, checkpoints and write-back together). Goals (durability"
+        echo "full, 100,000 accounts): bulk of 100 at least 100,000 transfers/s; bulk of 8,190 at least 250,000/s, Zipf and"
+        echo "one-hot at least as fast as uniform."
+        echo
+        echo "| conns | target | transfers/s | goal | of uniform 8,190 | requests/s | p50 ms | p99 ms | peak RSS MiB | bytes/transfer | mean batch | mean commit ms | single 200/s | single p50 ms | single p99 ms |"
+        echo "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        for conns in $CONNS; do
+            for target in bulk100 bulk8190 bulk8190_zipf bulk8190_hot bulk_mixed transfers; do
+                [[ " $TARGETS " == *" $target "* ]] || continue
+                tps="$(median "$target" "$conns" 27)"
+                case "$target" in
+                bulk100) goal="≥ 100,000/s: $(awk -v t="$tps" 'BEGIN { print (t >= 100000) ? "met" : "missed" }')" ;;
+                bulk8190) goal="≥ 250,000/s: $(awk -v t="$tps" 'BEGIN { print (t >= 250000) ? "met" : "missed" }')" ;;
+                bulk8190_zipf | bulk8190_hot) goal="≥ uniform" ;;
+                *) goal="-" ;;
+                esac
+                echo "| $conns | $target | $tps | $goal | $(ratio "$tps" "$(median bulk8190 "$conns" 27)") | $(median "$target" "$conns" 5) | $(median "$target" "$conns" 8) | $(median "$target" "$conns" 9) | $(median "$target" "$conns" 10) | $(median "$target" "$conns" 28) | $(median "$target" "$conns" 18) | $(median "$target" "$conns" 19) | $(median "$target" "$conns" 29) | $(median "$target" "$conns" 30) | $(median "$target" "$conns" 31) |"
+            done
+        done
+        echo
+        echo "bulk_mixed runs its single transfers on $SINGLE_CONNS more connections (\`wrk -t1 -c$SINGLE_CONNS -s bench/transfers.lua\`)."
+    fi
     if [[ " $TARGETS " == *_1m\ * || " $TARGETS " == *_10m\ * ]]; then
         echo
         echo "## Ten million cards: the same load on 100,000, 1,000,000 and 10,000,000 accounts"
@@ -486,6 +566,13 @@ mkdir -p "$(dirname "$RESULTS")"
     echo '```'
     echo
     echo "Whole run: \`DURATION=$DURATION RUNS=$RUNS CONNS=\"$CONNS\" TARGETS=\"$TARGETS\" bench/run.sh\`"
+    if [[ -n "${TIGERBEETLE:-}" ]]; then
+        echo
+        echo "## TigerBeetle beside it (\`$TIGERBEETLE\`)"
+        echo
+        # Optional and written elsewhere: whatever it prints, as it prints it; its failure does not fail the run.
+        bash -c "$TIGERBEETLE" 2>&1 || echo "(\`$TIGERBEETLE\` exited with $?)"
+    fi
     echo
     echo "## Every run"
     echo

@@ -2,8 +2,9 @@
 # Fuzzes the request decoders for a bounded time: libFuzzer (cargo fuzz) drives two targets, each
 # checking every answer against a model of the rules (fuzz/src/lib.rs). See docs/fuzzing.md.
 #   decode_transaction: `tallyd::http::decode::transaction` (POST /transaction bodies);
-#   decode_ledger: `decode::transfer`, `decode::open_account`, `decode::idempotency_key` and the path
-#   and query parameters (the first input byte picks one).
+#   decode_ledger: `decode::transfer`, `decode::bulk` (POST /transfers/bulk bodies and NDJSON lines),
+#   `decode::open_account`, `decode::idempotency_key` and the path and query parameters (the first
+#   input byte picks one).
 #
 # Installs cargo-fuzz if missing. Only stable Rust exists here, so RUSTC_BOOTSTRAP=1 lets it pass
 # the nightly-only flags (-Zsanitizer=address and friends) that cargo fuzz needs.

@@ -170,6 +170,13 @@ impl Analytics {
         lock(&self.latencies).push(latency);
     }
 
+    /// `count` transactions of one request (the items of a bulk request) with one outcome: each
+    /// is counted, the request's latency is kept once.
+    pub fn record_many(&self, outcome: OutcomeLabel, count: u64, latency: Duration) {
+        self.counts[outcome as usize].fetch_add(count, Ordering::Relaxed);
+        lock(&self.latencies).push(latency);
+    }
+
     pub fn sample_balance(&self, sample: BalanceSample) {
         lock(&self.balances).push(sample);
     }

@@ -144,6 +144,12 @@ pub struct Config {
     #[arg(long, env = "TALLYD_DURABILITY", value_enum, default_value_t = Durability::Full)]
     pub durability: Durability,
 
+    /// Most transfers in one `POST /transfers/bulk` (and in each commit of an NDJSON one); more get
+    /// 413. Its body limit grows with it: see [`Config::bulk_body_limit_bytes`].
+    #[arg(long, env = "TALLYD_BULK_ITEMS_MAX", default_value_t = 8190,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub bulk_items_max: u32,
+
     /// Largest request body accepted; larger ones get 413.
     #[arg(long, env = "TALLYD_BODY_LIMIT_BYTES", default_value_t = 1 << 20,
           value_parser = clap::value_parser!(u32).range(64..=(16 << 20)))]
@@ -270,11 +276,27 @@ pub mod limits {
     pub const KEYS_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
     /// Longest `Authorization` token read; anything longer is not a key.
     pub const KEY_TEXT_BYTES_MAX: usize = 256;
+    /// Largest item of a bulk request, in bytes of JSON: the longest valid transfer (two grouped
+    /// card numbers, a 13-digit amount, a reference and a key of 255 bytes each) with room for
+    /// spacing, as long as the reference and key are not written as `\u` escapes.
+    pub const BULK_ITEM_BYTES_MAX: usize = 1024;
+    /// Bulk requests (JSON or NDJSON) being read, decoded, decided or streamed at once; one more
+    /// is 503 `queue_full` before its body is read. One job in the queue may be 8,190 transfers,
+    /// so the queue's depth alone does not bound their memory: this does, at about 10 MB each
+    /// (an 8 MiB body and its decoded items). 32 keeps two cores' worker busy many times over.
+    pub const BULK_REQUESTS_IN_FLIGHT_MAX: usize = 32;
     /// How often the rate limiter forgets callers whose buckets are full again.
     pub const RATE_LIMIT_SWEEP_PERIOD: Duration = Duration::from_secs(10);
 }
 
 impl Config {
+    /// The body limit of a JSON `POST /transfers/bulk`: [`limits::BULK_ITEM_BYTES_MAX`] for each
+    /// of `--bulk-items-max` items, and never less than `--body-limit-bytes` (8 MiB by default).
+    /// An NDJSON body has no total limit: it is read a line at a time, each line within
+    /// [`limits::BULK_ITEM_BYTES_MAX`].
+    pub fn bulk_body_limit_bytes(&self) -> usize {
+        (self.bulk_items_max as usize * limits::BULK_ITEM_BYTES_MAX).max(self.body_limit_bytes as usize)
+    }
     pub fn batch_wait(&self) -> Duration {
         Duration::from_micros(u64::from(self.batch_wait_us))
     }

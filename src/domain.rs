@@ -373,7 +373,32 @@ pub enum Command {
     Batch(Vec<BatchItem>),
     /// The sweeper's: release a pending hold whose time is up. No route makes it.
     ExpireHold(i64),
+    /// `POST /transfers/bulk`: behind an `Arc` because the HTTP layer keeps it to render the answer
+    /// while the engine decides it, and 8,190 items are not worth a copy.
+    BulkTransfer(std::sync::Arc<BulkTransferRequest>),
 }
+
+/// One item of a bulk request: a transfer and its own idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BulkItem {
+    /// Always a [`Command::Transfer`], so that the engine decides it exactly as a single
+    /// `POST /transfers` (same rules, same stored answer, same key scope).
+    pub command: Command,
+    pub key: Option<IdempotencyKey>,
+}
+
+/// A validated `POST /transfers/bulk`: 1 to `--bulk-items-max` transfers, each decided on its
+/// own, in order, all in one commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BulkTransferRequest {
+    pub items: Vec<BulkItem>,
+    /// What the items' keys are scoped to: the scope of a single `POST /transfers` for the same
+    /// caller, so that an item and a single transfer under one key are the same request.
+    pub item_scope: &'static str,
+}
+
+/// The scope of a bulk request's own `Idempotency-Key` header (the whole response).
+pub const BULK_SCOPE: &str = "/transfers/bulk";
 
 /// The scopes (see [`Command::scope`]) whose keyed requests move money: where a lookup of a
 /// transaction by its idempotency key searches.
@@ -392,6 +417,7 @@ impl Command {
             Command::VoidHold(_) => "/holds/void",
             Command::Batch(_) => "/batches",
             Command::ExpireHold(_) => "(expiry)",
+            Command::BulkTransfer(_) => BULK_SCOPE,
         }
     }
 
@@ -438,8 +464,27 @@ impl Command {
                 format!("batch [{}]", items.join(", "))
             }
             Command::ExpireHold(id) => format!("expire {id}"),
+            Command::BulkTransfer(bulk) => bulk_fingerprint(bulk),
         }
     }
+}
+
+/// A bulk request's fingerprint: the SHA-256 of its items' fingerprints and keys, in order, so
+/// that the stored record stays 70 bytes however many items the request had.
+fn bulk_fingerprint(bulk: &BulkTransferRequest) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for item in &bulk.items {
+        hash.update(item.command.fingerprint().as_bytes());
+        // The key's length first, so that no key and item text can run into each other.
+        match &item.key {
+            Some(key) => hash.update(format!("\n{} {}\n", key.as_str().len(), key.as_str()).as_bytes()),
+            None => hash.update(b"\n-\n"),
+        }
+    }
+    let digest = hash.finalize();
+    let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("bulk {} {hex}", bulk.items.len())
 }
 
 /// A client's `Idempotency-Key`: 1 to [`IDEMPOTENCY_KEY_BYTES_MAX`] printable ASCII characters.

@@ -131,6 +131,18 @@ pub fn record_transaction(kind: &'static str, outcome: OutcomeLabel, latency: Du
     histogram!(TRANSACTION_DURATION).record(latency.as_secs_f64());
 }
 
+/// `count` transactions of one bulk request ended with `outcome`: counted one by one, their
+/// latency (the request's) recorded once.
+pub fn record_transactions(kind: &'static str, outcome: OutcomeLabel, count: u64, latency: Duration) {
+    counter!(TRANSACTIONS_TOTAL, "kind" => kind, "outcome" => outcome.as_str()).increment(count);
+    histogram!(TRANSACTION_DURATION).record(latency.as_secs_f64());
+}
+
+/// `count` items of one bulk request were answered from their stored answers.
+pub fn record_replays(route: &'static str, count: u64) {
+    counter!(IDEMPOTENT_REPLAYS_TOTAL, "route" => route).increment(count);
+}
+
 /// A worker finished a batch.
 pub fn record_batch(size: usize, took: Duration, commit_ok: bool) {
     histogram!(BATCH_SIZE).record(size as f64);

@@ -69,6 +69,15 @@ fn every_route(unique: &str) -> Vec<(&'static str, String, String, Option<&'stat
         ),
         (
             "POST",
+            "/transfers/bulk".into(),
+            format!(
+                r#"{{"transfers":[{}]}}"#,
+                common::transfer_body(DEMO_CARD, "4000000000000001", 1)
+            ),
+            Some("write"),
+        ),
+        (
+            "POST",
             "/accounts".into(),
             format!(r#"{{"card_number":"{card}"}}"#),
             Some("write"),
@@ -192,11 +201,12 @@ async fn every_route_with_no_key_a_wrong_key_a_revoked_key_and_each_scope() {
             }
         }
     }
-    // The allowed calls did what they say, and the refused ones nothing: a deposit and a transfer
-    // each from write and admin, none from read or anyone without a valid key.
-    assert_eq!(common::db_transactions(&server.sqlite()), 4);
+    // The allowed calls did what they say, and the refused ones nothing: a deposit, a transfer and
+    // a bulk request of one transfer each from write and admin, none from read or anyone without
+    // a valid key.
+    assert_eq!(common::db_transactions(&server.sqlite()), 6);
     let mut reader = server.client().await.with_bearer(&keys.read);
-    assert_eq!(reader.balance(DEMO_CARD).await, common::DEMO_OPENING + 2 - 2);
+    assert_eq!(reader.balance(DEMO_CARD).await, common::DEMO_OPENING + 2 - 2 - 2);
 }
 
 #[tokio::test]

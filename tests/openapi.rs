@@ -31,6 +31,10 @@ const BODY_LIMIT: usize = 4096;
 /// Short, so that a 408 costs little to provoke; long enough for a whole body on a busy machine.
 const REQUEST_TIMEOUT_MS: u64 = 1000;
 
+/// Small, so that a bulk request over the item limit (413) is short; with it the bulk body limit is
+/// `BODY_LIMIT` too (1,024 bytes an item, at least --body-limit-bytes).
+const BULK_ITEMS_MAX: usize = 4;
+
 /// Documented statuses that need a condition this file does not make, and where they are made.
 const NOT_PROVOKED_HERE: &[(&str, &str)] = &[
     ("500", "a worker that stopped: a bug, never provoked"),
@@ -234,6 +238,8 @@ async fn every_answer_of_every_operation_matches_the_document() {
         &BODY_LIMIT.to_string(),
         "--request-timeout-ms",
         &REQUEST_TIMEOUT_MS.to_string(),
+        "--bulk-items-max",
+        &BULK_ITEMS_MAX.to_string(),
     ]);
     let mut client = server.client().await;
     let mut check = Checker::new();
@@ -746,6 +752,74 @@ async fn every_answer_of_every_operation_matches_the_document() {
     check.post(&mut client, "/batches", &too_large, &[]).await;
     check.post(&mut client, "/batches", &one(1), &form).await;
 
+    // POST /transfers/bulk: the examples, a whole replay, the request key reused, a bad item, too
+    // many items, a refused media type.
+    for (name, body) in body_examples_of(&doc, "post", "/transfers/bulk") {
+        let reply = check
+            .post(&mut client, "/transfers/bulk", &body.to_string(), &[])
+            .await;
+        assert_eq!(reply.status, 200, "example {name}: {}", reply.text);
+    }
+    let bulk = |items: &[String]| format!(r#"{{"transfers":[{}]}}"#, items.join(","));
+    let payment = transfer(DEMO_CARD, "4111111111111111", 3);
+    let refused = transfer("4111111111111111", DEMO_CARD, 1_000_000_000);
+    let lost = transfer(DEMO_CARD, "4000000000999999", 1);
+    let keyed_item = r#"{"source":"1234567890","destination":"4111111111111111","amount":4,"idempotency_key":"order-1001-b"}"#;
+    let mixed = bulk(&[payment.clone(), refused, lost, keyed_item.to_owned()]);
+    let whole = [("idempotency-key", "bulk-1")];
+    let first = check.post(&mut client, "/transfers/bulk", &mixed, &whole).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    let again = check.post(&mut client, "/transfers/bulk", &mixed, &whole).await;
+    assert!(again.replayed() && again.body == first.body, "{}", again.text);
+    let items_again = check
+        .post(
+            &mut client,
+            "/transfers/bulk",
+            &bulk(&[keyed_item.to_owned()]),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        items_again.json()["results"][0]["replayed"],
+        true,
+        "{}",
+        items_again.text
+    );
+    let reused = check
+        .post(
+            &mut client,
+            "/transfers/bulk",
+            &bulk(std::slice::from_ref(&payment)),
+            &whole,
+        )
+        .await;
+    assert_eq!(reused.error_code(), "idempotency_key_reused");
+    let bad = check
+        .post(
+            &mut client,
+            "/transfers/bulk",
+            &bulk(&[payment.clone(), transfer(DEMO_CARD, DEMO_CARD, 1)]),
+            &[],
+        )
+        .await;
+    assert_eq!(bad.json()["error"]["index"], 1, "{}", bad.text);
+    check
+        .post(&mut client, "/transfers/bulk", r#"{"transfers":[]}"#, &[])
+        .await;
+    let over = vec![payment.clone(); BULK_ITEMS_MAX + 1];
+    let over = check
+        .post(&mut client, "/transfers/bulk", &bulk(&over), &[])
+        .await;
+    assert_eq!(over.status, 413, "{}", over.text);
+    check
+        .post(
+            &mut client,
+            "/transfers/bulk",
+            &bulk(std::slice::from_ref(&payment)),
+            &form,
+        )
+        .await;
+
     // Every GET, found and not found and refused.
     for path in [
         "/accounts/1234567890",
@@ -783,6 +857,7 @@ async fn every_answer_of_every_operation_matches_the_document() {
         (Method::POST, "/holds/1/capture"),
         (Method::POST, "/holds/1/void"),
         (Method::POST, "/batches"),
+        (Method::POST, "/transfers/bulk"),
     ] {
         check.stalled(server.addr, &method, path);
     }
@@ -807,6 +882,7 @@ async fn every_answer_of_every_operation_matches_the_document() {
     let transfer = common::transfer_body(DEMO_CARD, "4000000000000001", 1);
     let posts = [
         ("/transaction", deposit(DEMO_CARD, 1)),
+        ("/transfers/bulk", format!(r#"{{"transfers":[{transfer}]}}"#)),
         ("/transfers", transfer),
         ("/accounts", r#"{"card_number":"5555444433332222"}"#.to_owned()),
         ("/holds", deposit(DEMO_CARD, 1)),

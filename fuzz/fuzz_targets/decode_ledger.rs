@@ -1,4 +1,5 @@
-//! libFuzzer target: the ledger's decoders. The first byte picks one (modulo 4: a `POST /transfers`
+//! libFuzzer target: the ledger's decoders. The first byte picks one (`b`: a `POST /transfers/bulk` body;
+//! otherwise modulo 4: a `POST /transfers`
 //! body, a `POST /accounts` body, an `Idempotency-Key` header, a path or query parameter) and the
 //! rest is its input; `tallyd_fuzz::check_ledger` checks the answer against a model of the rules.
 #![no_main]

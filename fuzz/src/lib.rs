@@ -559,11 +559,16 @@ pub enum ExpectedTransfer {
     Malformed,
 }
 
-/// The `decode_ledger` target's checks: the first byte picks the decoder.
+/// The `decode_ledger` target's checks: the first byte picks the decoder (`b` a bulk body; any
+/// other byte, modulo 4, one of the others, as before the bulk decoder existed, so that the corpus
+/// keeps its meaning).
 pub fn check_ledger(data: &[u8]) {
     let Some((selector, input)) = data.split_first() else {
         return;
     };
+    if *selector == b'b' {
+        return check_bulk(input);
+    }
     match selector % 4 {
         0 => check_transfer(input),
         1 => check_open_account(input),
@@ -664,6 +669,139 @@ pub fn check_transfer(body: &[u8]) {
             "decode::transfer({}) = {result:?}, but the rules say {expected:?}",
             shown(body)
         ),
+    }
+}
+
+/// Most items the fuzzed bulk decoder takes: small, so that the limit is reached by inputs the
+/// fuzzer can make.
+const BULK_ITEMS_MAX: usize = 4;
+
+/// Codes a refused bulk body may get: a transfer's, a bad item key, too many items (413).
+const BULK_CODES: [&str; 10] = [
+    "invalid_json",
+    "missing_field",
+    "unknown_field",
+    "duplicate_field",
+    "invalid_card_number",
+    "invalid_amount",
+    "invalid_reference",
+    "same_account",
+    "invalid_idempotency_key",
+    "body_too_large",
+];
+
+/// `decode::bulk` (a `POST /transfers/bulk` body; each item is also an NDJSON line): an accepted
+/// body has 1 to [`BULK_ITEMS_MAX`] items, each exactly what `decode::bulk_item` makes of its text
+/// and, without a key, what `POST /transfers` makes of it; a refused one names, when it blames an
+/// item, the first item that `decode::bulk_item` refuses, with the same code.
+pub fn check_bulk(body: &[u8]) {
+    #[derive(serde::Deserialize)]
+    struct Shape<'a> {
+        #[serde(borrow)]
+        transfers: Vec<&'a serde_json::value::RawValue>,
+    }
+    let result = decode::bulk(body, BULK_ITEMS_MAX, "/transfers");
+    // The items as the decoder saw them, when the body is the right shape at all.
+    let items: Option<Vec<&[u8]>> = serde_json::from_slice::<Shape>(body)
+        .ok()
+        .map(|shape| shape.transfers.iter().map(|item| item.get().as_bytes()).collect());
+    match &result {
+        Ok(bulk) => {
+            let items = items
+                .as_deref()
+                .unwrap_or_else(|| panic!("accepted {} of the wrong shape", shown(body)));
+            assert!(
+                (1..=BULK_ITEMS_MAX).contains(&bulk.items.len()),
+                "{} items",
+                bulk.items.len()
+            );
+            assert_eq!(items.len(), bulk.items.len());
+            assert_eq!(bulk.item_scope, "/transfers");
+            for (item, decoded) in items.iter().zip(&bulk.items) {
+                assert_eq!(
+                    decode::bulk_item(item).as_ref(),
+                    Ok(decoded),
+                    "item {}",
+                    shown(item)
+                );
+                check_bulk_item(item, decoded);
+            }
+        }
+        Err(error) => {
+            let status = error.status().as_u16();
+            assert!(
+                matches!(status, 400 | 413),
+                "status for {}: {error:?}",
+                shown(body)
+            );
+            assert!(
+                BULK_CODES.contains(&error.code.as_str()),
+                "undocumented code {error:?}"
+            );
+            assert!(!error.message.is_empty());
+            assert_eq!(
+                (error.balance, error.allow, error.retry_after),
+                (None, None, None)
+            );
+            if let Some(index) = error.index() {
+                let items = items
+                    .as_deref()
+                    .unwrap_or_else(|| panic!("an item blamed in {}", shown(body)));
+                let index = index as usize;
+                assert!(
+                    error.message.starts_with(&format!("transfers[{index}]: ")),
+                    "{error:?}"
+                );
+                assert!(
+                    items.len() <= BULK_ITEMS_MAX,
+                    "{} items decoded one by one",
+                    items.len()
+                );
+                for item in &items[..index] {
+                    assert!(
+                        decode::bulk_item(item).is_ok(),
+                        "an earlier item {} is bad",
+                        shown(item)
+                    );
+                }
+                let blamed = decode::bulk_item(items[index]).expect_err("the blamed item is bad");
+                assert_eq!(blamed.code, error.code, "item {}", shown(items[index]));
+            } else if let Some(items) = items.as_deref().filter(|items| !items.is_empty()) {
+                // Refused without an index, the shape being right: only for the item count.
+                assert_eq!(
+                    error.code.as_str(),
+                    "body_too_large",
+                    "{error:?} for {}",
+                    shown(body)
+                );
+                assert!(items.len() > BULK_ITEMS_MAX);
+            }
+        }
+    }
+    // Every item's text, on its own, as an NDJSON line would be.
+    for item in items.into_iter().flatten() {
+        if let Ok(decoded) = decode::bulk_item(item) {
+            check_bulk_item(item, &decoded);
+        }
+    }
+}
+
+/// An accepted item is a valid transfer with a valid key, and is what `POST /transfers` makes of
+/// the same text when that text has no key.
+fn check_bulk_item(text: &[u8], item: &tallyd::domain::BulkItem) {
+    let Command::Transfer(transfer) = &item.command else {
+        panic!("a bulk item that is not a transfer: {:?}", item.command);
+    };
+    if let Some(key) = &item.key {
+        check_idempotency_key(key.as_str().as_bytes());
+    }
+    match decode::transfer(text) {
+        Ok(single) => assert_eq!(&single, transfer, "{}", shown(text)),
+        // POST /transfers refuses exactly the idempotency_key field it does not take.
+        Err(error) => {
+            assert_eq!(error.code.as_str(), "unknown_field", "{}: {error:?}", shown(text));
+            assert!(error.message.contains("idempotency_key"), "{error:?}");
+        }
     }
 }
 

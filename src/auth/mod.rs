@@ -58,6 +58,8 @@ pub struct IdempotencyScopes {
     pub transaction: &'static str,
     pub transfers: &'static str,
     pub accounts: &'static str,
+    /// `POST /transfers/bulk`'s own key (its items' keys are under `transfers`).
+    pub transfers_bulk: &'static str,
 }
 
 impl IdempotencyScopes {
@@ -66,6 +68,7 @@ impl IdempotencyScopes {
             transaction: intern(format!("{name}/transaction")),
             transfers: intern(format!("{name}/transfers")),
             accounts: intern(format!("{name}/accounts")),
+            transfers_bulk: intern(format!("{name}/transfers/bulk")),
         }
     }
 
@@ -74,6 +77,7 @@ impl IdempotencyScopes {
         match route {
             "/transfers" => self.transfers,
             "/accounts" => self.accounts,
+            "/transfers/bulk" => self.transfers_bulk,
             _ => self.transaction,
         }
     }
@@ -81,7 +85,7 @@ impl IdempotencyScopes {
 
 /// A `&'static str` for `text`, leaked once per distinct text and reused after. Only idempotency
 /// scopes go through it; they are bounded by the key names ever created (names are never reused),
-/// at most [`limits::KEYS_MAX`] × 3 strings of at most 80 bytes.
+/// at most [`limits::KEYS_MAX`] × 4 strings of at most 80 bytes.
 fn intern(text: String) -> &'static str {
     static INTERNED: OnceLock<Mutex<std::collections::HashSet<&'static str>>> = OnceLock::new();
     let mut set = INTERNED

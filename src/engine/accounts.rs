@@ -4,7 +4,7 @@
 //! card number packed into 8 bytes, the balance, and the last transaction's id, whose top bit marks
 //! a row the write-back still owes (ids stay far below 2^63). No hash table: its empty buckets and
 //! control bytes would cost 40-50 % more at 10 million accounts. A lookup bisects a fence of every
-//! 64th key, which stays in the processor's caches, then the one block of 64 slots it points to: a
+//! 16th key, which stays in the processor's caches, then the one block of 16 slots it points to: a
 //! cache miss or two, however the card numbers are spread. (A first draft guessed the position
 //! by interpolation between the smallest and the largest key; the demo card, ten digits among
 //! sixteen-digit seeded cards, made every guess land at the far end, and the lookup took 10 % of
@@ -37,16 +37,23 @@ fn unpack(slot: &PackedAccount) -> AccountState {
     }
 }
 
-/// Slots per block of the fence: the fence costs 8 bytes per block (an eighth of a byte an
-/// account), and a block is bisected in 6 steps over 1.5 KiB.
-const FENCE_STRIDE: usize = 64;
+/// Slots per block of the fence: the fence costs 8 bytes per block (half a byte an account), and
+/// a block is bisected in 4 steps over 384 bytes, six cache lines. (64 slots bisected 1.5 KiB, 24
+/// lines; with a bulk request of 8,190 uniform transfers, 32,000 lookups a batch, the lookups
+/// were a fifth of the worker's time, nearly all of it cache misses in the block. 16 took a
+/// lookup from 95 to 79 ns on 100,000 accounts with the caches cold.)
+const FENCE_STRIDE: usize = 16;
+
+/// Fewest accounts [`Accounts::set_all`] sorts first: below it, a sort buys nothing over a few
+/// bisections.
+const SET_ALL_SORTED_MIN: usize = 64;
 
 #[derive(Default)]
 pub struct Accounts {
     /// Sorted by key, keys unique.
     sorted: Vec<PackedAccount>,
     /// The key of every FENCE_STRIDE-th slot: small enough to stay in the processor's caches
-    /// (1.2 MB at ten million accounts), so that a lookup costs a bisection of it plus one of a
+    /// (5 MB at ten million accounts), so that a lookup costs a bisection of it plus one of a
     /// block, whatever the card numbers look like.
     fences: Vec<CardKey>,
     /// Opened since the load, by key.
@@ -127,6 +134,47 @@ impl Accounts {
                 self.opened.insert(key, pack(key, state, dirty));
             }
         }
+    }
+
+    /// [`Accounts::set`] for every account of a committed batch, in key order: each key is then at
+    /// or after the one before, so it is found by galloping forward from there through slots that
+    /// are in the cache already, instead of by a bisection that misses it. (A batch of 8,190 uniform
+    /// transfers sets 16,000 accounts; set one by one in the order a hash map gives them, they were
+    /// a sixth of the worker's time.)
+    pub fn set_all(&mut self, states: impl IntoIterator<Item = (CardKey, AccountState)>) {
+        let mut keyed: Vec<(CardKey, AccountState)> = states.into_iter().collect();
+        if keyed.len() < SET_ALL_SORTED_MIN {
+            for (key, state) in keyed {
+                self.set_key(key, state);
+            }
+            return;
+        }
+        keyed.sort_unstable_by_key(|(key, _)| *key);
+        let mut from = 0;
+        for (key, state) in keyed {
+            let dirty = state.last_transaction_id.is_some();
+            let at = self.gallop(from, key);
+            if self.sorted.get(at).is_some_and(|slot| slot.key == key) {
+                self.sorted[at] = pack(key, state, dirty);
+            } else {
+                self.opened.insert(key, pack(key, state, dirty));
+            }
+            from = at;
+        }
+    }
+
+    /// The first slot at or after `from` whose key is not below `key`: steps of 1, 2, 4, ... from
+    /// `from` until one is past it, then a bisection of the last step.
+    fn gallop(&self, from: usize, key: CardKey) -> usize {
+        let rest = &self.sorted[from.min(self.sorted.len())..];
+        let mut step = 1;
+        let mut low = 0;
+        while step <= rest.len() && rest[step - 1].key < key {
+            low = step;
+            step *= 2;
+        }
+        let high = step.min(rest.len());
+        from + low + rest[low..high].partition_point(|slot| slot.key < key)
     }
 
     /// Marks an account's row as owed to the write-back (after a replay).
@@ -270,6 +318,24 @@ mod tests {
             Some(state(9, Some(4))),
             "the mark is not the state"
         );
+    }
+
+    #[test]
+    fn setting_a_batch_of_accounts_in_key_order_sets_each_one() {
+        let cards: Vec<String> = (0..1000).map(|n| format!("4{:015}", n * 7)).collect();
+        let mut accounts = table(&cards);
+        let mut updates: Vec<(CardNumber, AccountState)> = (0..1000)
+            .step_by(3)
+            .map(|n| (card(&cards[n]), state(n as i64, Some(n as i64 + 1))))
+            .collect();
+        updates.push((card("5000000000000000"), state(5, Some(9))));
+        updates.reverse();
+        accounts.set_all(updates.iter().map(|(card, state)| (CardKey::of(card), *state)));
+        for (card, expected) in &updates {
+            assert_eq!(accounts.get(card), Some(*expected), "{card}");
+        }
+        assert_eq!(accounts.get(&card(&cards[1])), Some(state(1, None)), "untouched");
+        assert_eq!(accounts.len(), 1001, "the new card is opened");
     }
 
     #[test]

@@ -40,8 +40,8 @@ mod holds;
 use super::accounts::Accounts;
 use super::keys::KeyIndex;
 use crate::domain::{
-    Account, CardKey, CardNumber, Command, IdempotencyKey, Kind, OpenAccountRequest, TransactionRequest,
-    TransferRequest,
+    Account, BulkTransferRequest, CardKey, CardNumber, Command, IdempotencyKey, Kind, OpenAccountRequest,
+    TransactionRequest, TransferRequest,
 };
 use crate::store::{
     AccountState, Batch, Credit, CreditRow, Hold, HoldStatus, IdempotencyRecord, LedgerState, Leg,
@@ -86,6 +86,9 @@ pub enum Outcome {
     Refused(Refusal),
     /// The key was used before by the same request: its first answer, byte for byte.
     Replayed(StoredAnswer),
+    /// `POST /transfers/bulk`: one outcome per item, in order, each decided as a single
+    /// `POST /transfers` would be (so an item may be `Transferred`, `Refused` or `Replayed`).
+    Bulk(Vec<Outcome>),
     /// The batch could not be committed (disk full, read-only, I/O error). Nothing changed.
     StorageFailed,
 }
@@ -630,10 +633,8 @@ impl<S: Store> Ledger<S> {
         // another key's (a hash collision) does not count.
         let wanted: Vec<(ScopedKey<'a>, i64)> = commands
             .iter()
-            .filter_map(|(_, key)| {
-                let (scope, key) = (*key)?;
-                committed.key_candidate(scope, key).map(|id| ((scope, key), id))
-            })
+            .flat_map(|(command, key)| key.iter().copied().chain(bulk_item_keys(command)))
+            .filter_map(|(scope, key)| committed.key_candidate(scope, key).map(|id| ((scope, key), id)))
             .collect();
         let ids: Vec<i64> = wanted.iter().map(|(_, id)| *id).collect();
         match self.store.idempotent_answers(&ids) {
@@ -704,10 +705,8 @@ impl<S: Store> Ledger<S> {
         self.totals.balance_sum += card_delta;
         self.totals.accounts += staging.batch.accounts.len() as i64;
         let mut committed = self.committed.write();
-        for (card, state) in staging.cards {
-            // Marks the row for the write-back when the account moved.
-            committed.cards.set_key(card, state);
-        }
+        // Marks the rows for the write-back of the accounts that moved.
+        committed.cards.set_all(staging.cards);
         for (card, credit) in staging.credit {
             if credit.is_none() {
                 committed.credit.remove(&card);
@@ -774,7 +773,7 @@ fn decide_keyed<'a>(
     key: Option<ScopedKey<'a>>,
 ) -> Outcome {
     let Some((scope, key)) = key else {
-        return execute(committed, staging, command);
+        return execute(committed, staging, render, command);
     };
     if staging.keys_unknown {
         return Outcome::StorageFailed;
@@ -788,11 +787,16 @@ fn decide_keyed<'a>(
             Outcome::Refused(Refusal::IdempotencyKeyReused)
         };
     }
-    let outcome = execute(committed, staging, command);
+    let outcome = execute(committed, staging, render, command);
     let transaction_id = match &outcome {
         Outcome::Posted { id, .. } | Outcome::Transferred { id, .. } => Some(*id),
         Outcome::Held { hold, .. } => hold.transaction_id,
-        Outcome::Opened { .. } | Outcome::LimitSet { .. } | Outcome::Batch(_) | Outcome::Refused(_) => None,
+        // A bulk request's own key keeps its whole answer; each item's key names its transaction.
+        Outcome::Opened { .. }
+        | Outcome::LimitSet { .. }
+        | Outcome::Batch(_)
+        | Outcome::Bulk(_)
+        | Outcome::Refused(_) => None,
         // Nothing was decided: a retry must be free to run.
         Outcome::Replayed(_) | Outcome::StorageFailed => return outcome,
     };
@@ -819,7 +823,12 @@ fn decide_keyed<'a>(
     outcome
 }
 
-fn execute(committed: &Committed, staging: &mut Staging<'_>, command: &Command) -> Outcome {
+fn execute<'a>(
+    committed: &Committed,
+    staging: &mut Staging<'a>,
+    render: Render,
+    command: &'a Command,
+) -> Outcome {
     let decided = match command {
         Command::OpenAccount(open) => open_account(committed, staging, open),
         Command::Transaction(transaction) => post(committed, staging, transaction),
@@ -830,8 +839,42 @@ fn execute(committed: &Committed, staging: &mut Staging<'_>, command: &Command) 
         Command::VoidHold(void) => holds::release(committed, staging, void.hold_id, HoldStatus::Voided),
         Command::ExpireHold(id) => holds::release(committed, staging, *id, HoldStatus::Expired),
         Command::Batch(items) => holds::all_or_nothing(committed, staging, items),
+        Command::BulkTransfer(bulk) => Ok(bulk_transfer(committed, staging, render, bulk)),
     };
     decided.unwrap_or_else(Outcome::Refused)
+}
+
+/// Each item of a bulk request in order, under its own key, exactly as if it were a single
+/// `POST /transfers` at this point of the batch: one item's refusal leaves its neighbours alone
+/// (this is not the all-or-nothing `POST /batches`).
+fn bulk_transfer<'a>(
+    committed: &Committed,
+    staging: &mut Staging<'a>,
+    render: Render,
+    bulk: &'a BulkTransferRequest,
+) -> Outcome {
+    let outcomes = bulk
+        .items
+        .iter()
+        .map(|item| {
+            let key = item.key.as_ref().map(|key| (bulk.item_scope, key));
+            decide_keyed(committed, staging, render, &item.command, key)
+        })
+        .collect();
+    Outcome::Bulk(outcomes)
+}
+
+/// The keys of a bulk request's items (none for any other command), looked up with the batch's.
+fn bulk_item_keys<'a>(command: &'a Command) -> impl Iterator<Item = ScopedKey<'a>> + 'a {
+    let items = match command {
+        Command::BulkTransfer(bulk) => Some(bulk.as_ref()),
+        _ => None,
+    };
+    items.into_iter().flat_map(|bulk| {
+        bulk.items
+            .iter()
+            .filter_map(move |item| item.key.as_ref().map(|key| (bulk.item_scope, key)))
+    })
 }
 
 fn state(committed: &Committed, staging: &Staging<'_>, card: &CardNumber) -> Result<AccountState, Refusal> {
@@ -1377,6 +1420,78 @@ mod tests {
         assert_eq!(ledger.store.transactions[0].idempotency_key.as_ref(), Some(&key));
     }
 
+    fn bulk(items: &[(Command, Option<&str>)]) -> Command {
+        let items = items
+            .iter()
+            .map(|(command, key)| crate::domain::BulkItem {
+                command: command.clone(),
+                key: key.map(|key| IdempotencyKey::parse(key.as_bytes()).unwrap()),
+            })
+            .collect();
+        Command::BulkTransfer(Arc::new(BulkTransferRequest {
+            items,
+            item_scope: "/transfers",
+        }))
+    }
+
+    #[test]
+    fn a_bulk_request_decides_each_item_on_its_own_under_its_key_and_replays_whole_under_its_own() {
+        let mut ledger = ledger(&[(1, 100), (2, 0)]);
+        let single = transfer(1, 2, 10);
+        let key = IdempotencyKey::parse(b"item").unwrap();
+        // A single transfer first, under the key an item will use.
+        let report = ledger.apply_batch([(&single, Some(("/transfers", &key)))].into_iter(), 1_000);
+        assert!(matches!(report.outcomes[0], Outcome::Transferred { id: 1, .. }));
+        let request = bulk(&[
+            (transfer(1, 2, 10), Some("item")), // the single transfer's key and request: replayed
+            (transfer(1, 2, 500), None),        // refused, and leaves its neighbours alone
+            (transfer(2, 1, 5), Some("new")),   // executes
+            (transfer(2, 1, 6), Some("new")),   // the same key, another transfer: refused
+            (transfer(1, 9, 1), None),          // no such card
+        ]);
+        let whole = IdempotencyKey::parse(b"whole").unwrap();
+        let report = ledger.apply_batch(
+            [(&request, Some((crate::domain::BULK_SCOPE, &whole)))].into_iter(),
+            2_000,
+        );
+        let Outcome::Bulk(items) = &report.outcomes[0] else {
+            panic!("{:?}", report.outcomes[0]);
+        };
+        assert!(matches!(&items[0], Outcome::Replayed(stored) if stored.status == 200));
+        assert_eq!(
+            items[1],
+            Outcome::Refused(Refusal::InsufficientFunds {
+                balance: 90,
+                available: 90
+            })
+        );
+        assert!(matches!(
+            items[2],
+            Outcome::Transferred {
+                id: 2,
+                source_balance: 5,
+                ..
+            }
+        ));
+        assert_eq!(items[3], Outcome::Refused(Refusal::IdempotencyKeyReused));
+        assert_eq!(
+            items[4],
+            Outcome::Refused(Refusal::CardNotFound { card: card(9) })
+        );
+        assert_eq!(ledger.store.transactions.len(), 2, "one new transaction");
+        // The whole request again under its key: its first answer, and nothing moves.
+        let report = ledger.apply_batch(
+            [(&request, Some((crate::domain::BULK_SCOPE, &whole)))].into_iter(),
+            3_000,
+        );
+        assert!(matches!(&report.outcomes[0], Outcome::Replayed(_)));
+        assert_eq!(ledger.store.transactions.len(), 2);
+        // A failed commit fails the whole bulk request.
+        ledger.store.fail_commits = true;
+        let report = run(&mut ledger, &[bulk(&[(transfer(1, 2, 1), None)])]);
+        assert_eq!(report.outcomes, [Outcome::StorageFailed]);
+    }
+
     #[test]
     fn a_decided_refusal_is_stored_and_replayed_even_when_it_would_now_pass() {
         let mut ledger = ledger(&[(1, 10), (2, 0)]);
@@ -1574,6 +1689,7 @@ mod tests {
                             _ => None,
                         }
                     }
+                    Command::BulkTransfer(_) => unreachable!("this model sends no bulk requests"),
                 };
                 match (expected_id, outcome) {
                     (Some(balance), Outcome::Posted { id, balance: got, .. }) => {

@@ -83,6 +83,10 @@ impl EngineState {
 #[derive(Clone)]
 pub struct Engine {
     queue: flume::Sender<Job>,
+    /// Bulk requests wait in a queue of their own, so that a worker takes the single requests
+    /// waiting before each one (see [`worker`]): a stream of bulk requests then delays a single
+    /// transfer by about one batch, not by every bulk request queued before it.
+    bulk_queue: flume::Sender<Job>,
     capacity: usize,
     state: Arc<EngineState>,
     committed: SharedState,
@@ -135,6 +139,8 @@ impl Engine {
         });
         let capacity = config.queue_depth as usize;
         let (queue, receiver) = flume::bounded(capacity);
+        // Bulk requests in flight are bounded before they are queued; the queue holds them all.
+        let (bulk_queue, bulk_receiver) = flume::bounded(crate::config::limits::BULK_REQUESTS_IN_FLIGHT_MAX);
         let ledger = Arc::new(Mutex::new(ledger));
         let limits = worker::BatchLimits {
             max: config.batch_max as usize,
@@ -143,18 +149,22 @@ impl Engine {
         };
         let handles = (0..config.workers)
             .map(|index| {
-                let receiver = receiver.clone();
+                let queues = worker::Queues {
+                    singles: receiver.clone(),
+                    bulk: bulk_receiver.clone(),
+                };
                 let ledger = Arc::clone(&ledger);
                 let state = Arc::clone(&state);
                 std::thread::Builder::new()
                     .name(format!("tallyd-worker-{index}"))
-                    .spawn(move || worker::run(receiver, ledger, limits, state))
+                    .spawn(move || worker::run(queues, ledger, limits, state))
                     .expect("spawning a worker thread")
             })
             .collect();
         Ok((
             Engine {
                 queue,
+                bulk_queue,
                 capacity,
                 state,
                 committed,
@@ -172,7 +182,11 @@ impl Engine {
         scope: &'static str,
     ) -> Result<oneshot::Receiver<Outcome>, SubmitError> {
         let (reply, answer) = oneshot::channel();
-        match self.queue.try_send(Job {
+        let queue = match command {
+            Command::BulkTransfer(_) => &self.bulk_queue,
+            _ => &self.queue,
+        };
+        match queue.try_send(Job {
             command,
             key,
             scope,

@@ -8,9 +8,9 @@ use serde_json::value::RawValue;
 
 use super::error::{ApiError, ErrorCode};
 use crate::domain::{
-    Amount, BatchItem, CaptureRequest, CardNumber, HoldRequest, IdempotencyKey, InvalidField,
-    OpenAccountRequest, PositiveAmount, Reference, SetLimitRequest, TransactionRequest, TransferRequest,
-    VoidRequest, HOLD_EXPIRY_S_MAX, OVERDRAFT_LIMIT_MAX,
+    Amount, BatchItem, BulkItem, BulkTransferRequest, CaptureRequest, CardNumber, Command, HoldRequest,
+    IdempotencyKey, InvalidField, OpenAccountRequest, PositiveAmount, Reference, SetLimitRequest,
+    TransactionRequest, TransferRequest, VoidRequest, HOLD_EXPIRY_S_MAX, OVERDRAFT_LIMIT_MAX,
 };
 
 /// The body as JSON, before its values are checked. Fields are kept as their raw JSON text so that
@@ -36,6 +36,31 @@ struct RawTransfer<'a> {
     amount: &'a RawValue,
     #[serde(borrow, default)]
     reference: Option<&'a RawValue>,
+}
+
+/// One item of `POST /transfers/bulk`: a transfer's fields and its own idempotency key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBulkItem<'a> {
+    #[serde(borrow)]
+    source: &'a RawValue,
+    #[serde(borrow)]
+    destination: &'a RawValue,
+    #[serde(borrow)]
+    amount: &'a RawValue,
+    #[serde(borrow, default)]
+    reference: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    idempotency_key: Option<&'a RawValue>,
+}
+
+/// The body of `POST /transfers/bulk`: the items stay raw until each is decoded on its own, so
+/// that a bad one is named by its index. They borrow from the body: nothing is copied.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBulk<'a> {
+    #[serde(borrow)]
+    transfers: Vec<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -116,11 +141,21 @@ pub fn transaction(body: &[u8]) -> Result<TransactionRequest, ApiError> {
 /// Decodes and validates a `POST /transfers` body.
 pub fn transfer(body: &[u8]) -> Result<TransferRequest, ApiError> {
     let raw: RawTransfer = object(body, "source, destination and amount")?;
-    let source = card_number(raw.source, "source")?;
-    let destination = card_number(raw.destination, "destination")?;
-    let amount = positive_amount(raw.amount)
+    validate_transfer(raw.source, raw.destination, raw.amount, raw.reference)
+}
+
+/// A transfer's raw fields, checked (shared by `POST /transfers` and the items of a bulk request).
+fn validate_transfer(
+    source: &RawValue,
+    destination: &RawValue,
+    amount: &RawValue,
+    raw_reference: Option<&RawValue>,
+) -> Result<TransferRequest, ApiError> {
+    let source = card_number(source, "source")?;
+    let destination = card_number(destination, "destination")?;
+    let amount = positive_amount(amount)
         .map_err(|error| ApiError::new(ErrorCode::InvalidAmount, error.to_string()))?;
-    let reference = match raw.reference {
+    let reference = match raw_reference {
         None => None,
         Some(raw) if raw.get() == "null" => None,
         Some(raw) => Some(reference(raw)?),
@@ -136,6 +171,84 @@ pub fn transfer(body: &[u8]) -> Result<TransferRequest, ApiError> {
         destination,
         amount,
         reference,
+    })
+}
+
+/// Decodes and validates a `POST /transfers/bulk` body of at most `items_max` transfers. Any bad
+/// item refuses the whole request, with the item's index in the error.
+pub fn bulk(
+    body: &[u8],
+    items_max: usize,
+    item_scope: &'static str,
+) -> Result<BulkTransferRequest, ApiError> {
+    let raw: RawBulk = object(body, "transfers").map_err(|error| bulk_shape_error(error, items_max))?;
+    check_bulk_count(raw.transfers.len(), items_max)?;
+    let items = raw
+        .transfers
+        .iter()
+        .enumerate()
+        .map(|(index, item)| bulk_item(item.get().as_bytes()).map_err(|error| error.at_index(index)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(BulkTransferRequest { items, item_scope })
+}
+
+/// 1 to `items_max` items: more is a body too large (413, the limit named); none is not a request.
+pub fn check_bulk_count(count: usize, items_max: usize) -> Result<(), ApiError> {
+    if count > items_max {
+        return Err(ApiError::new(
+            ErrorCode::BodyTooLarge,
+            format!(
+                "a bulk request holds at most {items_max} transfers (--bulk-items-max); this one has {count}"
+            ),
+        ));
+    }
+    if count == 0 {
+        return Err(ApiError::new(
+            ErrorCode::InvalidJson,
+            format!("transfers must hold 1 to {items_max} transfers"),
+        ));
+    }
+    Ok(())
+}
+
+/// serde says "invalid type" for `"transfers": 5` and friends: say what the field must be.
+fn bulk_shape_error(error: ApiError, items_max: usize) -> ApiError {
+    if error.code == ErrorCode::InvalidJson
+        && error.message.starts_with("the body must be a JSON object with")
+    {
+        return ApiError::new(
+            ErrorCode::InvalidJson,
+            format!("the body must be a JSON object whose transfers is an array of 1 to {items_max} transfer objects ({})", error.message),
+        );
+    }
+    error
+}
+
+/// One transfer of a bulk request (a JSON object, or one line of NDJSON): the fields of
+/// `POST /transfers` and an optional `idempotency_key`, checked exactly as that route checks them.
+pub fn bulk_item(item: &[u8]) -> Result<BulkItem, ApiError> {
+    let raw: RawBulkItem = object(item, "source, destination and amount")?;
+    let transfer = validate_transfer(raw.source, raw.destination, raw.amount, raw.reference)?;
+    let key = match raw.idempotency_key {
+        None => None,
+        Some(raw) if raw.get() == "null" => None,
+        Some(raw) => {
+            let invalid = || {
+                ApiError::new(
+                    ErrorCode::InvalidIdempotencyKey,
+                    "idempotency_key must be a string of 1 to 255 printable ASCII characters",
+                )
+            };
+            if !raw.get().starts_with('"') {
+                return Err(invalid());
+            }
+            let text: String = string(raw)?;
+            Some(IdempotencyKey::parse(text.as_bytes()).map_err(|_| invalid())?)
+        }
+    };
+    Ok(BulkItem {
+        command: Command::Transfer(transfer),
+        key,
     })
 }
 

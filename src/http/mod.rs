@@ -5,6 +5,7 @@
 mod auth;
 pub mod decode;
 pub mod error;
+mod ndjson;
 pub mod openapi;
 mod routes;
 
@@ -33,6 +34,12 @@ pub struct App {
     pub workers: usize,
     /// Largest request body accepted.
     pub body_limit_bytes: usize,
+    /// Most transfers in one `POST /transfers/bulk`.
+    pub bulk_items_max: usize,
+    /// Largest body of a JSON `POST /transfers/bulk` ([`crate::config::Config::bulk_body_limit_bytes`]).
+    pub bulk_body_limit_bytes: usize,
+    /// One permit per bulk request in flight ([`crate::config::limits::BULK_REQUESTS_IN_FLIGHT_MAX`]).
+    pub bulk_slots: Arc<tokio::sync::Semaphore>,
     /// Longest a client may take to send a request body.
     pub request_timeout: Duration,
     /// The API keys in force, swapped by the reload thread.

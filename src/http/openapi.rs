@@ -244,7 +244,10 @@ mod tests {
     fn every_request_body_field_is_documented_and_every_example_decodes() {
         let doc = document();
         // (path, method, schema, decoder); a path parameter is given to the decoder as its example.
-        let decoders: [(&str, &str, &str, Decoder); 8] = [
+        let decoders: [(&str, &str, &str, Decoder); 9] = [
+            ("/transfers/bulk", "post", "BulkTransferRequest", |b| {
+                refusal(decode::bulk(b, 8190, "/transfers"))
+            }),
             ("/transaction", "post", "TransactionRequest", |b| {
                 refusal(decode::transaction(b))
             }),

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Body;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -16,11 +16,11 @@ use super::auth::{admit, Identity, Peer};
 use super::error::{
     bytes_response, json_response, outcome_result, ApiError, ErrorCode, HttpResponse, IDEMPOTENT_REPLAYED,
 };
-use super::{decode, openapi, App};
+use super::{decode, ndjson, openapi, App};
 use crate::analytics::OutcomeLabel;
 use crate::auth::keys::Scope;
 use crate::auth::{Caller, IdempotencyScopes};
-use crate::domain::{CardNumber, Command, Kind, MONEY_SCOPES};
+use crate::domain::{CardNumber, Command, Kind, BULK_SCOPE, MONEY_SCOPES};
 use crate::engine::{ledger, Outcome};
 use crate::store::{AccountState, AccountView, HoldStatus, Reader, StoreError};
 use crate::telemetry;
@@ -39,6 +39,8 @@ pub(super) enum Route {
     Transaction,
     Transfers,
     Accounts,
+    /// `POST /transfers/bulk`: many transfers, each decided on its own, in one commit.
+    TransfersBulk,
     Account,
     AccountEntries,
     Transactions,
@@ -59,10 +61,11 @@ pub(super) enum Route {
 }
 
 impl Route {
-    pub(super) const ALL: [Route; 20] = [
+    pub(super) const ALL: [Route; 21] = [
         Route::Transaction,
         Route::Transfers,
         Route::Accounts,
+        Route::TransfersBulk,
         Route::Account,
         Route::AccountEntries,
         Route::Transactions,
@@ -88,6 +91,7 @@ impl Route {
             Route::Transaction => "/transaction",
             Route::Transfers => "/transfers",
             Route::Accounts => "/accounts",
+            Route::TransfersBulk => "/transfers/bulk",
             Route::Account => "/accounts/{card}",
             Route::AccountEntries => "/accounts/{card}/entries",
             Route::Transactions => "/transactions",
@@ -114,6 +118,7 @@ impl Route {
             Route::Transaction
                 | Route::Transfers
                 | Route::Accounts
+                | Route::TransfersBulk
                 | Route::Holds
                 | Route::HoldCapture
                 | Route::HoldVoid
@@ -151,6 +156,7 @@ impl Route {
             Route::Transaction
             | Route::Transfers
             | Route::Accounts
+            | Route::TransfersBulk
             | Route::Holds
             | Route::HoldCapture
             | Route::HoldVoid
@@ -190,14 +196,18 @@ fn router() -> &'static matchit::Router<Route> {
     })
 }
 
+/// What a route answers with: a whole body, or one written while the request is still being read
+/// (an NDJSON `POST /transfers/bulk`).
+pub type ResponseBody = Either<Full<Bytes>, ndjson::ChannelBody>;
+
 /// Answers one request from `peer`. Never fails: every problem becomes a JSON error response.
 pub async fn handle<B>(
     app: Arc<App>,
     peer: Arc<Peer>,
     request: Request<B>,
-) -> Result<HttpResponse, std::convert::Infallible>
+) -> Result<Response<ResponseBody>, std::convert::Infallible>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let path = request.uri().path().to_owned();
@@ -214,7 +224,7 @@ where
             (identity, Err(error)) => {
                 let response = error.into_response();
                 record(route, Some(&identity), response.status().as_u16());
-                return Ok(response);
+                return Ok(response.map(Either::Left));
             }
         },
     };
@@ -291,6 +301,12 @@ where
         }
         Some(Route::HoldById) => hold_by_id(&app, &param("id")).await,
         Some(Route::AccountHolds) => account_holds(&app, &param("card"), query).await,
+        Some(Route::TransfersBulk) if ndjson::is_ndjson(request.headers()) => {
+            let response = ndjson::bulk(Arc::clone(&app), request, scopes).await;
+            record(route, identity.as_ref(), response.status().as_u16());
+            return Ok(response);
+        }
+        Some(Route::TransfersBulk) => bulk(&app, request, scopes).await,
         Some(Route::Account) => account(&app, &param("card")).await,
         Some(Route::AccountEntries) => entries(&app, &param("card"), query).await,
         Some(Route::Transactions) => {
@@ -310,7 +326,7 @@ where
         Some(Route::OpenApi) => openapi::document(),
     };
     record(route, identity.as_ref(), response.status().as_u16());
-    Ok(response)
+    Ok(response.map(Either::Left))
 }
 
 /// Counts an answer by route and status, and by caller when the route takes a key.
@@ -366,6 +382,7 @@ where
             Command::Transaction(transaction) => transaction.amount.kind().as_str(),
             Command::Transfer(_) => Kind::Transfer.as_str(),
             Command::OpenAccount(_) | Command::SetLimit(_) => "account",
+            Command::BulkTransfer(_) => Kind::Transfer.as_str(),
             Command::PlaceHold(_) => "hold",
             Command::CaptureHold(_) => "capture",
             Command::VoidHold(_) | Command::ExpireHold(_) => "void",
@@ -414,6 +431,16 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    read_body_within(app, request, app.body_limit_bytes).await
+}
+
+/// Reads the whole body within `limit_bytes` and the time limit. The frames are gathered and
+/// copied once into one buffer (none at all when the body came in one frame).
+async fn read_body_within<B>(app: &App, request: Request<B>, limit_bytes: usize) -> Result<Bytes, ApiError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     if let Some(content_type) = request.headers().get(CONTENT_TYPE) {
         let is_json = content_type
             .to_str()
@@ -436,17 +463,17 @@ where
     let too_large = || {
         ApiError::new(
             ErrorCode::BodyTooLarge,
-            format!("the body is larger than {} bytes", app.body_limit_bytes),
+            format!("the body is larger than {limit_bytes} bytes"),
         )
     };
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > app.body_limit_bytes as u64) {
+    if declared.is_some_and(|length| length > limit_bytes as u64) {
         return Err(too_large());
     }
-    let limited = Limited::new(request.into_body(), app.body_limit_bytes);
+    let limited = Limited::new(request.into_body(), limit_bytes);
     match tokio::time::timeout(app.request_timeout, limited.collect()).await {
         Err(_) => Err(ApiError::new(
             ErrorCode::RequestTimeout,
@@ -461,6 +488,118 @@ where
             format!("the body could not be read: {error}"),
         )),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+/// The request's one `Idempotency-Key` header, if it has one.
+fn request_key(headers: &hyper::HeaderMap) -> Result<Option<crate::domain::IdempotencyKey>, ApiError> {
+    let mut keys = headers.get_all("idempotency-key").iter();
+    let key = keys.next().map(HeaderValue::as_bytes);
+    if keys.next().is_some() {
+        // With two, a retry, a proxy or a log may each go by another one.
+        return Err(ApiError::new(
+            ErrorCode::InvalidIdempotencyKey,
+            "send one Idempotency-Key header, not several",
+        ));
+    }
+    decode::idempotency_key(key)
+}
+
+/// `POST /transfers/bulk`: every item decoded first (one bad item refuses the request with its
+/// index, and nothing is queued), then the whole request queued as one job, decided item by item
+/// in one batch, and answered once that batch is durable. The request's own `Idempotency-Key`
+/// replays the whole answer; each item's `idempotency_key` is a `POST /transfers` key.
+async fn bulk<B>(app: &App, request: Request<B>, scopes: Option<IdempotencyScopes>) -> HttpResponse
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let started = Instant::now();
+    let mut counted: Option<(Command, Outcome)> = None;
+    let result = async {
+        let _slot = bulk_slot(app)?;
+        let key = request_key(request.headers())?;
+        let body = read_body_within(app, request, app.bulk_body_limit_bytes).await?;
+        let item_scope = scopes.map_or("/transfers", |scopes| scopes.of("/transfers"));
+        let bulk = decode::bulk(&body, app.bulk_items_max, item_scope)?;
+        drop(body);
+        let command = Command::BulkTransfer(Arc::new(bulk));
+        let scope = scopes.map_or(BULK_SCOPE, |scopes| scopes.of(BULK_SCOPE));
+        let answer = app.engine.submit(command.clone(), key, scope)?;
+        // Queued: it will be decided whatever happens to this request (see `post`).
+        let outcome = answer
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::Internal, "the command's worker stopped"))?;
+        let replayed = matches!(outcome, Outcome::Replayed(_));
+        let (status, body) = outcome_result(&command, &outcome)?;
+        let mut response = bytes_response(status, body);
+        if replayed {
+            response
+                .headers_mut()
+                .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        }
+        counted = Some((command, outcome));
+        Ok::<_, ApiError>(response)
+    }
+    .await;
+    let latency = started.elapsed();
+    match result {
+        Ok(response) => {
+            if let Some((command, outcome)) = counted {
+                record_bulk(app, &command, &outcome, latency);
+            }
+            response
+        }
+        Err(error) => {
+            let label = error.outcome_label();
+            app.analytics.record(label, latency);
+            telemetry::record_transaction(Kind::Transfer.as_str(), label, latency);
+            error.into_response()
+        }
+    }
+}
+
+/// A place among the bulk requests in flight, or 503 `queue_full` before the body is read.
+pub(super) fn bulk_slot(app: &App) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    Arc::clone(&app.bulk_slots)
+        .try_acquire_owned()
+        .map_err(|_| ApiError::from(crate::engine::SubmitError::QueueFull))
+}
+
+/// Counts a decided bulk request's items by outcome, as if each were a `POST /transfers`; a
+/// request replayed whole counts as one replay.
+pub(super) fn record_bulk(app: &App, command: &Command, outcome: &Outcome, latency: std::time::Duration) {
+    let route = Route::TransfersBulk.pattern();
+    let (Command::BulkTransfer(bulk), Outcome::Bulk(outcomes)) = (command, outcome) else {
+        if matches!(outcome, Outcome::Replayed(_)) {
+            telemetry::record_replay(route);
+        }
+        return;
+    };
+    let mut counts = [0_u64; OutcomeLabel::ALL.len()];
+    let mut replays = 0;
+    for (item, outcome) in bulk.items.iter().zip(outcomes) {
+        let label = match outcome {
+            Outcome::Transferred { .. } => OutcomeLabel::Committed,
+            Outcome::Replayed(_) => {
+                replays += 1;
+                continue;
+            }
+            _ => match outcome_result(&item.command, outcome) {
+                Ok(_) => OutcomeLabel::Committed,
+                Err(error) => error.outcome_label(),
+            },
+        };
+        counts[label as usize] += 1;
+    }
+    for (label, count) in OutcomeLabel::ALL.into_iter().zip(counts) {
+        if count > 0 {
+            app.analytics.record_many(label, count, latency);
+            telemetry::record_transactions(Kind::Transfer.as_str(), label, count, latency);
+        }
+    }
+    if replays > 0 {
+        telemetry::record_replays(Route::Transfers.pattern(), replays);
     }
 }
 
