@@ -701,9 +701,12 @@ pub fn check_bulk(body: &[u8]) {
         transfers: Vec<&'a serde_json::value::RawValue>,
     }
     let result = decode::bulk(body, BULK_ITEMS_MAX, "/transfers");
-    // The items as the decoder saw them, when the body is the right shape at all.
+    // The items as the decoder saw them, when the body is the right shape at all. serde would
+    // also read a struct from an array (`[[{...}]]`); the decoder refuses anything but an object.
+    let is_object = body.trim_ascii_start().first() == Some(&b'{');
     let items: Option<Vec<&[u8]>> = serde_json::from_slice::<Shape>(body)
         .ok()
+        .filter(|_| is_object)
         .map(|shape| shape.transfers.iter().map(|item| item.get().as_bytes()).collect());
     match &result {
         Ok(bulk) => {
