@@ -635,45 +635,63 @@ async fn an_ndjson_stream_with_a_broken_line_stops_there_with_everything_before_
 }
 
 /// Bulk requests in flight are bounded (32, `limits::BULK_REQUESTS_IN_FLIGHT_MAX`), so that their
-/// bodies and items cannot take memory without end: with 32 bodies stalled, one more is 503
-/// `queue_full` before its body is read, and once they are gone bulk requests are served again.
-// Ignored in CI for now: about half of the runs on this machine time out waiting for the 32 stalled
-// bodies to take their slots (alone or beside the other tests), for a reason not yet found; the bound
-// itself answered the 33rd stalled request 503 queue_full when checked by hand. Run it with
-// `cargo test --test bulk -- --ignored`.
-#[ignore = "flaky: the stalled bodies do not always take their slots within the deadline (under investigation)"]
+/// bodies and items cannot take memory without end: of 33 requests whose bodies stall, exactly one
+/// is answered 503 `queue_full` before its body is read; while the 32 others hold their slots a
+/// whole bulk request is refused too, and single transfers are not; once they are gone bulk
+/// requests are served again.
+// The stalled requests alone must fill the slots: a probe sent while their heads are still being
+// read would take a slot of its own and leave one of them refused instead (which is how an earlier
+// version of this test timed out now and then).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_requests_in_flight_are_bounded_and_one_more_is_refused_before_its_body() {
     use tokio::io::AsyncWriteExt;
     const IN_FLIGHT_MAX: usize = 32;
     let server = Server::start(&["--request-timeout-ms", "600000"]);
     let mut stalled = Vec::new();
-    for _ in 0..IN_FLIGHT_MAX {
+    for _ in 0..=IN_FLIGHT_MAX {
         let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
         let head = "POST /transfers/bulk HTTP/1.1\r\nhost: tallyd\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"transfers\":[";
         stream.write_all(head.as_bytes()).await.unwrap();
         stalled.push(stream);
     }
-    let mut client = server.client().await;
-    let items = [transfer_body(&card(1), &card(2), 1)];
-    // The stalled requests take their places as the server reads their heads (on a loaded machine
-    // that takes a while): ask until it says so, within a bound.
     let deadline = common::Deadline::new(
         std::time::Duration::from_secs(60),
-        "the 33rd bulk request in flight to be refused",
+        "one of 33 stalled bulk requests to be refused",
     );
-    let refused = loop {
-        let reply = post_bulk(&mut client, &items).await;
-        if reply.status == 503 {
-            break reply;
+    let (refused, answer) = 'answered: loop {
+        for (index, stream) in stalled.iter().enumerate() {
+            let mut buf = [0_u8; 1024];
+            match stream.try_read(&mut buf) {
+                Ok(read) => break 'answered (index, String::from_utf8_lossy(&buf[..read]).into_owned()),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(error) => panic!("stalled request {index}: {error}"),
+            }
         }
-        assert_eq!(reply.status, 200, "{}", reply.text);
         deadline.tick().await;
     };
-    assert_eq!(refused.error_code(), "queue_full");
-    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+    assert!(answer.contains("\"queue_full\""), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1\r\n"),
+        "{answer}"
+    );
+    drop(stalled.remove(refused));
+
+    let mut client = server.client().await;
+    let items = [transfer_body(&card(1), &card(2), 1)];
+    let reply = post_bulk(&mut client, &items).await;
+    assert_eq!(reply.status, 503, "{}", reply.text);
+    assert_eq!(reply.error_code(), "queue_full");
+    assert_eq!(reply.header("retry-after"), Some("1"));
     // Single transfers are not held up by it.
     assert_eq!(client.transfer(&card(3), &card(4), 1).await.status, 200);
+    for stream in &stalled {
+        let mut buf = [0_u8; 16];
+        assert!(
+            matches!(stream.try_read(&mut buf), Err(error) if error.kind() == std::io::ErrorKind::WouldBlock),
+            "a request holding a slot was answered"
+        );
+    }
     drop(stalled);
     let deadline = common::Deadline::new(
         std::time::Duration::from_secs(60),
