@@ -355,8 +355,10 @@ async fn a_full_queue_answers_503_at_once_and_recovers() {
             let _ = done.send((reply, started.elapsed()));
         });
     }
-    // The blocked worker holds the batch it took (its size depends on timing) and the queue holds
-    // four; every other request must come back refused, without waiting for the lock.
+    // The blocked worker holds the batch it took and the queue what was left. How many of each
+    // depends on when the worker drained the queue, which on a loaded machine may be after the
+    // first refusals; so the test asserts only what always holds: nothing is refused before four
+    // are queued, and every other request comes back refused, without waiting for the lock.
     let mut probe = server.client().await;
     let mut refused = Vec::new();
     let deadline = Deadline::new(Duration::from_secs(30), "every request to be queued or refused");
@@ -367,7 +369,8 @@ async fn a_full_queue_answers_503_at_once_and_recovers() {
         let queue = probe.get("/stats").await.json()["queue"].clone();
         let held = queue["depth"].as_u64().unwrap() + queue["in_progress"].as_u64().unwrap();
         if held + refused.len() as u64 == SENT {
-            assert_eq!(queue["depth"], QUEUE_DEPTH, "the queue is full");
+            assert!(queue["depth"].as_u64().unwrap() <= QUEUE_DEPTH, "{queue}");
+            assert!(held >= QUEUE_DEPTH, "refused before the queue was full: {queue}");
             break held;
         }
         deadline.tick().await;
