@@ -110,9 +110,16 @@ pub struct Config {
     #[arg(long, env = "TALLYD_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// SQLite database file; created from the seed if it does not exist.
+    /// SQLite database file; created from the seed if it does not exist. A
+    /// `postgres://user:password@host:port/dbname` URL chooses PostgreSQL instead (schema created
+    /// or migrated at start).
     #[arg(long, env = "TALLYD_DB", default_value = "users.db")]
     pub db: PathBuf,
+
+    /// PostgreSQL only: a `postgres://` URL of a replica that the read routes use (they may lag
+    /// the writes by the replica's replay lag); by default reads use `--db`.
+    #[arg(long, env = "TALLYD_READ_DB")]
+    pub read_db: Option<String>,
 
     /// SQL file that creates the schema and seed accounts of a new database
     /// [default: the users.db.sql built into the binary].

@@ -24,6 +24,7 @@
 mod accounts;
 mod keys;
 pub mod ledger;
+mod postgres;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -33,6 +34,7 @@ use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
 pub use ledger::{Committed, Ledger, Outcome, Refusal, Render, SharedState};
+pub use postgres::Pools;
 
 use crate::config::Config;
 use crate::domain::{CardNumber, Command, IdempotencyKey};
@@ -86,6 +88,8 @@ pub struct Engine {
     capacity: usize,
     state: Arc<EngineState>,
     committed: SharedState,
+    /// True on PostgreSQL: nothing is kept in `committed`, and every read asks the database.
+    database_decides: bool,
 }
 
 /// The worker threads; join them after every [`Engine`] handle is dropped.
@@ -158,6 +162,7 @@ impl Engine {
                 capacity,
                 state,
                 committed,
+                database_decides: false,
             },
             Workers { handles },
         ))
@@ -198,6 +203,10 @@ impl Engine {
     /// The idempotency records that may hold `key` on any of `scopes`, each with its scope (to
     /// be checked against the record's own name).
     pub fn key_candidates(&self, key: &IdempotencyKey, scopes: &[&str]) -> Vec<(String, i64)> {
+        if self.database_decides {
+            // No index in memory: the reader looks the key up by name in each scope.
+            return scopes.iter().map(|scope| ((*scope).to_owned(), 0)).collect();
+        }
         let committed = self.committed.read();
         scopes
             .iter()
