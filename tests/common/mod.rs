@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses part of the harness
 
+pub mod postgres;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -56,11 +58,14 @@ impl Server {
         Self::start_with(db, "127.0.0.1:0", extra, "info")
     }
 
-    /// Starts `tallyd serve --listen LISTEN` with `RUST_LOG=log_filter`.
+    /// Starts `tallyd serve --listen LISTEN` with `RUST_LOG=log_filter`. With `TALLYD_TEST_DB`
+    /// set, the server runs on a PostgreSQL database of its own instead of the file `db` (the
+    /// same one each time it is given the same `db`, so restarts keep their ledger).
     pub fn start_with(db: &Path, listen: &str, extra: &[&str], log_filter: &str) -> Server {
+        let db = postgres::database_for(db).map_or_else(|| db.to_owned(), PathBuf::from);
         let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .args(["serve", "--listen", listen, "--db"])
-            .arg(db)
+            .arg(&db)
             .args(extra)
             .env("RUST_LOG", log_filter)
             .stdin(Stdio::null())
@@ -73,7 +78,7 @@ impl Server {
         Server {
             child,
             addr,
-            db: db.to_owned(),
+            db,
             log,
             _dir: None,
         }

@@ -1,0 +1,210 @@
+//! What only the PostgreSQL backend promises, against a real server (`TALLYD_TEST_DB`, set by
+//! scripts/ci-postgres.sh; without it every test here is skipped): two instances starting together
+//! migrate once; two instances moving money on one database never create or lose any, and never
+//! let a balance below its floor (the row locks, in one order, are what guard this); one
+//! idempotency key sent to both instances at once is executed once and answered alike.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use common::postgres::{database_for, query};
+use common::{seeded_card, transfer_body, Rng, Server};
+
+/// The database the suites run on, or `None` (and the test is skipped).
+fn database(name: &str) -> Option<String> {
+    let url = database_for(Path::new(name));
+    if url.is_none() {
+        eprintln!("skipped: TALLYD_TEST_DB is not set");
+    }
+    url
+}
+
+/// The warnings and errors a server logged, for a failure's message.
+fn errors(server: &Server) -> String {
+    server
+        .log_text()
+        .lines()
+        .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn one(url: &str, sql: &str) -> String {
+    query(url, sql)[0][0].clone().unwrap_or_default()
+}
+
+/// Two servers on one database, started at the same moment.
+fn two_servers(url: &str, extra: &[&str]) -> (Server, Server) {
+    let path = Path::new(url);
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| Server::start_with(path, "127.0.0.1:0", extra, "info"));
+        let second = scope.spawn(|| Server::start_with(path, "127.0.0.1:0", extra, "info"));
+        (first.join().unwrap(), second.join().unwrap())
+    })
+}
+
+#[test]
+fn two_instances_starting_together_migrate_once_and_seed_once() {
+    let Some(url) = database("migrate-once") else {
+        return;
+    };
+    let (_a, _b) = two_servers(&url, &[]);
+    assert_eq!(one(&url, "SELECT count(*) FROM tallyd_migrations"), "1");
+    assert_eq!(
+        one(
+            &url,
+            "SELECT count(*) FROM ledger_accounts WHERE name = '1234567890'"
+        ),
+        "1"
+    );
+    assert_eq!(one(&url, "SELECT count(*) FROM ledger_accounts"), "100002");
+}
+
+/// Every account's balance is its opening balance plus its legs, the last leg says the balance,
+/// no card is below its floor, and money is conserved (the outside world balances the cards).
+fn assert_ledger_consistent(url: &str) {
+    let wrong = query(
+        url,
+        "SELECT a.name, a.balance, a.opening_balance + coalesce(sum(e.amount), 0) \
+         FROM ledger_accounts a LEFT JOIN entries e ON e.account = a.name \
+         GROUP BY a.name HAVING a.balance <> a.opening_balance + coalesce(sum(e.amount), 0) LIMIT 5",
+    );
+    assert!(
+        wrong.is_empty(),
+        "balances that are not their legs' sum: {wrong:?}"
+    );
+    let heads = query(
+        url,
+        "SELECT a.name FROM ledger_accounts a JOIN entries e ON e.account = a.name \
+         AND e.transaction_id = a.last_transaction_id WHERE e.balance_after <> a.balance LIMIT 5",
+    );
+    assert!(heads.is_empty(), "heads whose leg disagrees: {heads:?}");
+    let below = query(
+        url,
+        "SELECT a.name FROM ledger_accounts a LEFT JOIN account_credit c ON c.name = a.name \
+         WHERE a.name <> '@world' AND a.balance < -coalesce(c.overdraft_limit, 0) LIMIT 5",
+    );
+    assert!(below.is_empty(), "cards below their floor: {below:?}");
+    let total = one(
+        url,
+        "SELECT sum(balance) - sum(opening_balance) FROM ledger_accounts",
+    );
+    assert_eq!(total, "0", "money was created or lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_one_database_conserve_money_under_contention() {
+    let Some(url) = database("conservation-two-instances") else {
+        return;
+    };
+    let (a, b) = two_servers(&url, &["--workers", "3"]);
+    const CLIENTS: usize = 16;
+    const REQUESTS: usize = 150;
+    const CARDS: u32 = 6;
+    let cards: Arc<Vec<String>> = Arc::new((1..=CARDS).map(|n| seeded_card(n).0).collect());
+    let seed = common::test_seed("pg-conservation", "TALLYD_PG_SEED");
+    let mut tasks = Vec::new();
+    for client_index in 0..CLIENTS {
+        let addr = if client_index % 2 == 0 { a.addr } else { b.addr };
+        let cards = Arc::clone(&cards);
+        let mut rng = Rng((seed ^ client_index as u64) | 1);
+        tasks.push(tokio::spawn(async move {
+            let mut client = common::Client::connect(addr).await;
+            let mut committed = 0;
+            for _ in 0..REQUESTS {
+                let source = &cards[rng.below(CARDS as u64) as usize];
+                let destination = &cards[rng.below(CARDS as u64) as usize];
+                // Large amounts, so that many transfers are refused for want of funds.
+                let amount = 1 + rng.below(60_000) as i64;
+                let reply = match rng.below(3) {
+                    0 => client.transaction(source, -amount).await,
+                    1 => client.transaction(source, amount).await,
+                    _ if source != destination => {
+                        client
+                            .post_json("/transfers", &transfer_body(source, destination, amount))
+                            .await
+                    }
+                    _ => continue,
+                };
+                match reply.status.as_u16() {
+                    200 | 201 => committed += 1,
+                    422 | 409 => {}
+                    other => panic!("unexpected {other}: {}", reply.text),
+                }
+            }
+            committed
+        }));
+    }
+    let mut committed = 0;
+    for task in tasks {
+        committed += task.await.unwrap();
+    }
+    let transactions: i64 = one(&url, "SELECT count(*) FROM transactions").parse().unwrap();
+    assert_eq!(
+        transactions, committed,
+        "every acknowledged transaction, and no other, is stored"
+    );
+    assert_ledger_consistent(&url);
+    // Both instances answer every balance as the database has it.
+    let mut ca = a.client().await;
+    let mut cb = b.client().await;
+    for card in cards.iter() {
+        let stored = one(
+            &url,
+            &format!("SELECT balance FROM ledger_accounts WHERE name = '{card}'"),
+        );
+        assert_eq!(ca.balance(card).await.to_string(), stored);
+        assert_eq!(cb.balance(card).await.to_string(), stored);
+    }
+    eprintln!("two instances: {committed} transactions committed by {CLIENTS} clients");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_sent_to_two_instances_at_once_is_executed_once() {
+    let Some(url) = database("idempotency-two-instances") else {
+        return;
+    };
+    let (a, b) = two_servers(&url, &["--workers", "2"]);
+    let (card, _) = seeded_card(7);
+    const KEYS: usize = 40;
+    let mut ca = a.client().await;
+    let mut cb = b.client().await;
+    let mut ids = HashSet::new();
+    for n in 0..KEYS {
+        let key = format!("race-{n}");
+        let body = format!(r#"{{"card_number":"{card}","amount":-{}}}"#, 100 + n);
+        let (first, second) = tokio::join!(
+            ca.post_keyed("/transaction", &body, &key),
+            cb.post_keyed("/transaction", &body, &key)
+        );
+        assert_eq!(
+            first.status.as_u16(),
+            second.status.as_u16(),
+            "{} / {}\n{}\n{}",
+            first.text,
+            second.text,
+            errors(&a),
+            errors(&b)
+        );
+        assert_eq!(
+            first.body, second.body,
+            "a replay is the first answer, byte for byte"
+        );
+        assert!(
+            first.replayed() || second.replayed(),
+            "one of the two is a replay"
+        );
+        ids.insert(first.i64("id"));
+    }
+    assert_eq!(ids.len(), KEYS);
+    let stored = one(&url, "SELECT count(*) FROM transactions");
+    assert_eq!(stored, KEYS.to_string(), "each key moved money once");
+    assert_eq!(
+        one(&url, "SELECT count(*) FROM idempotency_keys"),
+        KEYS.to_string()
+    );
+    assert_ledger_consistent(&url);
+}
