@@ -43,11 +43,13 @@
 //!
 //! What it does not do yet: API keys are kept in the SQLite database only, so a PostgreSQL server
 //! runs without keys (on loopback, or with `--allow-unauthenticated`); TLS to the database is not
-//! wired (`sslmode=require` is refused); `/stats`' average balance is not maintained.
+//! wired (`sslmode=require` is refused); `/stats`' average balance is re-read once a second by one
+//! worker per instance (a scan of the accounts), not kept up to date by each batch.
 
 pub mod migrate;
 pub mod reader;
 pub mod rows;
+pub mod verify;
 pub mod write;
 
 use std::str::FromStr;
