@@ -88,6 +88,9 @@ pub enum Outcome {
     Replayed(StoredAnswer),
     /// The batch could not be committed (disk full, read-only, I/O error). Nothing changed.
     StorageFailed,
+    /// The connection to the database failed while the batch's commit was in flight (PostgreSQL):
+    /// it may or may not have committed. A retry under the same idempotency key finds out.
+    OutcomeUnknown,
 }
 
 /// Why the ledger said no.
@@ -794,7 +797,7 @@ fn decide_keyed<'a>(
         Outcome::Held { hold, .. } => hold.transaction_id,
         Outcome::Opened { .. } | Outcome::LimitSet { .. } | Outcome::Batch(_) | Outcome::Refused(_) => None,
         // Nothing was decided: a retry must be free to run.
-        Outcome::Replayed(_) | Outcome::StorageFailed => return outcome,
+        Outcome::Replayed(_) | Outcome::StorageFailed | Outcome::OutcomeUnknown => return outcome,
     };
     if let (Some(id), Some(record)) = (transaction_id, staging.batch.transactions.last_mut()) {
         debug_assert_eq!(record.id, id);

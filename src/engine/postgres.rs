@@ -56,7 +56,12 @@ pub struct Pools {
 impl Engine {
     /// Starts `config.workers` PostgreSQL workers. Nothing is loaded: every batch reads what it
     /// decides on.
-    pub fn start_postgres(pools: Pools, config: &Config, render: Render) -> (Engine, Workers) {
+    pub fn start_postgres(
+        pools: Pools,
+        config: &Config,
+        render: Render,
+        credit_lookup: super::CreditLookup,
+    ) -> (Engine, Workers) {
         let state = Arc::new(EngineState {
             writable: true.into(),
             ..EngineState::default()
@@ -66,12 +71,17 @@ impl Engine {
         let limits = Limits {
             batch_max: config.batch_max as usize,
             idempotency_retention_ms: i64::from(config.idempotency_retention_s) * 1000,
+            keeps_totals: false,
         };
         let handles = (0..config.workers)
             .map(|index| {
                 let receiver = receiver.clone();
                 let state = Arc::clone(&state);
                 let pools = pools.clone();
+                let limits = Limits {
+                    keeps_totals: index == 0,
+                    ..limits
+                };
                 std::thread::Builder::new()
                     .name(format!("tallyd-pg-worker-{index}"))
                     .spawn(move || run(receiver, pools, limits, state, render))
@@ -85,6 +95,7 @@ impl Engine {
                 state,
                 committed: SharedState::default(),
                 database_decides: true,
+                credit_lookup: Some(credit_lookup),
             },
             Workers { handles },
         )
@@ -95,6 +106,9 @@ impl Engine {
 struct Limits {
     batch_max: usize,
     idempotency_retention_ms: i64,
+    /// This worker re-reads the sum and count of the card balances for `/stats` once a period
+    /// (one worker per instance does: it is a scan of every account).
+    keeps_totals: bool,
 }
 
 /// One worker: until the queue is closed and empty, take a batch, decide and commit it, answer it;
@@ -110,6 +124,9 @@ fn run(queue: flume::Receiver<Job>, pools: Pools, limits: Limits, state: Arc<Eng
     runtime.block_on(async move {
         let mut batch: Vec<Job> = Vec::with_capacity(limits.batch_max);
         let mut background_at = Instant::now();
+        if limits.keeps_totals {
+            read_totals(&pools.write, &state).await;
+        }
         loop {
             let first = match tokio::time::timeout(BACKGROUND_PERIOD, queue.recv_async()).await {
                 Ok(Ok(job)) => Some(job),
@@ -118,6 +135,9 @@ fn run(queue: flume::Receiver<Job>, pools: Pools, limits: Limits, state: Arc<Eng
             };
             if background_at.elapsed() >= BACKGROUND_PERIOD {
                 background(&pools, limits, render).await;
+                if limits.keeps_totals {
+                    read_totals(&pools.write, &state).await;
+                }
                 background_at = Instant::now();
             }
             let Some(first) = first else { continue };
@@ -189,6 +209,7 @@ async fn decide_and_commit(
     sweep: Option<i64>,
 ) -> (Vec<Outcome>, bool) {
     let mut backoff = BACKOFF_FIRST;
+    let mut failed = Outcome::StorageFailed;
     for attempt in 1..=ATTEMPTS_MAX {
         match attempt_batch(pools, commands, render, sweep).await {
             Ok(outcomes) => return (outcomes, true),
@@ -203,11 +224,12 @@ async fn decide_and_commit(
             }
             Err(Failure::Unknown(reason)) => {
                 tracing::error!(%reason, commands = commands.len(), "the connection failed during COMMIT: the batch may or may not be committed (clients retry with their Idempotency-Key)");
+                failed = Outcome::OutcomeUnknown;
                 break;
             }
         }
     }
-    (vec![Outcome::StorageFailed; commands.len()], false)
+    (vec![failed; commands.len()], false)
 }
 
 /// Between 1/2 and 3/2 of `base`, so that two instances that met do not meet again in step.
@@ -288,6 +310,32 @@ async fn background(pools: &Pools, limits: Limits, render: Render) {
         Ok(rows) => tracing::debug!(rows, "pruned expired idempotency keys"),
         Err(Failure::Conflict(reason) | Failure::Failed(reason) | Failure::Unknown(reason)) => {
             tracing::warn!(%reason, "pruning idempotency keys failed; the next period retries");
+        }
+    }
+}
+
+/// The sum and count of the card balances, for the average `/stats` shows (the database's, as of
+/// the last period: no instance knows it otherwise).
+async fn read_totals(pool: &Pool, state: &EngineState) {
+    let read = async {
+        let client = pool.get().await?;
+        let row = client
+            .query_one(
+                "SELECT coalesce(sum(balance), 0)::text, count(*) FROM ledger_accounts WHERE name <> '@world'",
+                &[],
+            )
+            .await?;
+        Ok::<_, Failure>((row.get::<_, String>(0), row.get::<_, i64>(1)))
+    };
+    if let Ok((sum, accounts)) = read.await {
+        if let Ok(balance_sum) = sum.parse::<i128>() {
+            *state
+                .totals
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = crate::store::Totals {
+                balance_sum,
+                accounts,
+            };
         }
     }
 }
