@@ -64,12 +64,21 @@ pub async fn run(
     // refused on a non-loopback address unless --allow-unauthenticated says so.
     let keys = Arc::new(KeyRing::new(KeySet::default()));
     check_exposure(&config, address, false)?;
-    let (engine, workers) = Engine::start_postgres(opened.pools, &config, http::render);
-    let reader = PgReader::new(opened.read, tokio::runtime::Handle::current());
+    let reader = Arc::new(PgReader::new(opened.read, tokio::runtime::Handle::current()));
+    let credit = {
+        let reader = Arc::clone(&reader);
+        Arc::new(move |card: &crate::domain::CardNumber| {
+            reader.credit(card).unwrap_or_else(|error| {
+                tracing::warn!(%error, "reading an account's credit terms failed");
+                crate::store::Credit::default()
+            })
+        })
+    };
+    let (engine, workers) = Engine::start_postgres(opened.pools, &config, http::render, credit);
     let backend = Backend {
         engine,
         workers,
-        reader: Arc::new(reader),
+        reader,
         keys,
         _guard: Box::new(()),
     };

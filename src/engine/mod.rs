@@ -90,7 +90,12 @@ pub struct Engine {
     committed: SharedState,
     /// True on PostgreSQL: nothing is kept in `committed`, and every read asks the database.
     database_decides: bool,
+    /// On PostgreSQL, where an account's credit terms are read from (the database's).
+    credit_lookup: Option<CreditLookup>,
 }
+
+/// Reads an account's credit terms from the database (PostgreSQL keeps none in memory).
+pub type CreditLookup = Arc<dyn Fn(&CardNumber) -> crate::store::Credit + Send + Sync>;
 
 /// The worker threads; join them after every [`Engine`] handle is dropped.
 pub struct Workers {
@@ -163,6 +168,7 @@ impl Engine {
                 state,
                 committed,
                 database_decides: false,
+                credit_lookup: None,
             },
             Workers { handles },
         ))
@@ -197,6 +203,9 @@ impl Engine {
 
     /// A card account's overdraft limit and held amount (zero for most accounts).
     pub fn credit(&self, card: &CardNumber) -> crate::store::Credit {
+        if let Some(lookup) = &self.credit_lookup {
+            return lookup(card);
+        }
         self.committed.read().credit(card)
     }
 

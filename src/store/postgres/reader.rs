@@ -14,7 +14,7 @@ use super::rows::{self, HOLD_COLUMNS};
 use super::store_error;
 use crate::domain::{CardNumber, IdempotencyKey, Kind};
 use crate::store::{
-    AccountState, EntriesPage, EntryView, Hold, HoldStatus, HoldsPage, LegView, Reader, StoreError,
+    AccountState, Credit, EntriesPage, EntryView, Hold, HoldStatus, HoldsPage, LegView, Reader, StoreError,
     TransactionView,
 };
 
@@ -32,6 +32,21 @@ pub struct PgReader {
 impl PgReader {
     pub fn new(pool: Pool, runtime: Handle) -> Self {
         Self { pool, runtime }
+    }
+
+    /// An account's overdraft limit and held amount (zero without a row of terms). Callable from
+    /// async code on the server's runtime: it blocks in place.
+    pub fn credit(&self, card: &CardNumber) -> Result<Credit, StoreError> {
+        let rows = tokio::task::block_in_place(|| {
+            self.query(
+                "SELECT overdraft_limit, held FROM account_credit WHERE name = $1",
+                &[&card.as_str()],
+            )
+        })?;
+        Ok(rows.first().map_or_else(Credit::default, |row| Credit {
+            overdraft_limit: row.get(0),
+            held: row.get(1),
+        }))
     }
 
     fn query(
