@@ -7,16 +7,13 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::{
-    parse_prometheus, seeded_card, series_value, Client, Deadline, Server, DEMO_CARD, DEMO_OPENING,
+    parse_prometheus, seeded_card, series_value, Client, Deadline, LedgerDb, Server, DEMO_CARD, DEMO_OPENING,
 };
 use hyper::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn journal_count(server: &Server) -> i64 {
-    server
-        .sqlite()
-        .query_row("SELECT count(*) FROM journal", [], |r| r.get(0))
-        .unwrap()
+    server.sqlite().integer("SELECT count(*) FROM journal")
 }
 
 #[tokio::test]

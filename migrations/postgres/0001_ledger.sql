@@ -135,3 +135,12 @@ CREATE VIEW accounts AS
 SELECT name AS card_number, opening_balance, balance, created_at_ms
 FROM ledger_accounts
 WHERE name <> '@world';
+
+-- Every card's legs, as the SQLite store's view of the same name shows them.
+CREATE VIEW journal AS
+SELECT t.id, t.source AS card_number, t.source_amount AS amount, t.source_balance_after AS balance_after,
+       t.created_at_ms
+FROM transactions t WHERE t.source <> '@world'
+UNION ALL
+SELECT t.id, t.destination, t.destination_amount, t.destination_balance_after, t.created_at_ms
+FROM transactions t WHERE t.destination <> '@world';
