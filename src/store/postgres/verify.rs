@@ -13,18 +13,18 @@ use crate::store::StoreError;
 /// Each check: its name, and a query whose one integer is the number of violations.
 pub const CHECKS: &[(&str, &str)] = &[
     (
-        "every account's balance is its opening balance plus its legs",
+        "every account's current balance is its opening balance plus the sum of its legs",
         "SELECT count(*) FROM ledger_accounts a \
          LEFT JOIN (SELECT account, sum(amount) AS total FROM entries GROUP BY account) s ON s.account = a.name \
          WHERE a.balance <> a.opening_balance + coalesce(s.total, 0)",
     ),
     (
-        "money is conserved: the balances sum to the opening balances",
+        "all balances together, @world's included, sum to the opening total",
         "SELECT CASE WHEN coalesce(sum(balance), 0) = coalesce(sum(opening_balance), 0) THEN 0 ELSE 1 END \
          FROM ledger_accounts",
     ),
     (
-        "every account's head is its newest leg, with the balance the row has",
+        "every account's current balance and last transaction are its last leg's (its opening balance before any)",
         "SELECT count(*) FROM ledger_accounts a \
          LEFT JOIN (SELECT DISTINCT ON (account) account, transaction_id, balance_after FROM entries \
                     ORDER BY account, transaction_id DESC) h ON h.account = a.name \
@@ -32,7 +32,7 @@ pub const CHECKS: &[(&str, &str)] = &[
             OR (h.transaction_id IS NOT NULL AND h.balance_after <> a.balance)",
     ),
     (
-        "every leg links to the account's previous transaction, and its balance follows from it",
+        "every leg links to its account's previous transaction, and its balance_after = the previous one + its amount",
         "SELECT count(*) FROM (SELECT previous_id, balance_after, amount, a.opening_balance, \
                 lag(transaction_id) OVER w AS previous, lag(balance_after) OVER w AS previous_balance \
              FROM entries e JOIN ledger_accounts a ON a.name = e.account \
@@ -41,27 +41,36 @@ pub const CHECKS: &[(&str, &str)] = &[
             OR balance_after <> coalesce(previous_balance, opening_balance) + amount",
     ),
     (
-        "no card is below its overdraft limit",
+        "no account below -overdraft_limit",
         "SELECT count(*) FROM ledger_accounts a LEFT JOIN account_credit c ON c.name = a.name \
          WHERE a.name <> '@world' AND a.balance < -coalesce(c.overdraft_limit, 0)",
     ),
     (
-        "every account's held amount is the sum of its pending holds",
+        "each account's held amount equals the sum of its pending holds",
         "SELECT count(*) FROM (SELECT name, held FROM account_credit) c \
          FULL JOIN (SELECT card_number, sum(amount) AS pending FROM holds WHERE status = 'pending' \
                     GROUP BY card_number) h ON h.card_number = c.name \
          WHERE coalesce(c.held, 0) <> coalesce(h.pending, 0)",
     ),
     (
-        "every captured hold names its transaction, and every hold its account",
+        "every hold is on an existing account, and a captured one names an existing transaction",
         "SELECT count(*) FROM holds h LEFT JOIN transactions t ON t.id = h.transaction_id \
          LEFT JOIN ledger_accounts a ON a.name = h.card_number \
          WHERE a.name IS NULL OR (h.transaction_id IS NOT NULL AND t.id IS NULL)",
     ),
     (
-        "every idempotency record's transaction exists",
+        "every idempotency record of a transaction names one that exists",
         "SELECT count(*) FROM idempotency_keys k LEFT JOIN transactions t ON t.id = k.transaction_id \
          WHERE k.transaction_id IS NOT NULL AND t.id IS NULL",
+    ),
+    (
+        "every leg names an existing account",
+        "SELECT count(*) FROM entries e LEFT JOIN ledger_accounts a ON a.name = e.account WHERE a.name IS NULL",
+    ),
+    (
+        "available (balance - held + overdraft_limit) >= 0 for every account",
+        "SELECT count(*) FROM ledger_accounts a JOIN account_credit c ON c.name = a.name \
+         WHERE a.balance - c.held + c.overdraft_limit < 0",
     ),
     (
         "every id handed out is below the next one",
@@ -91,7 +100,12 @@ pub async fn verify(url: &str) -> Result<(i64, Vec<Check>), StoreError> {
     let mut checks = Vec::with_capacity(CHECKS.len());
     for (name, sql) in CHECKS {
         let started = Instant::now();
-        let violations: i64 = tx.query_one(*sql, &[]).await.map_err(unusable)?.get(0);
+        // Whatever integer type the check's query yields, as a bigint.
+        let violations: i64 = tx
+            .query_one(&format!("SELECT ({sql})::bigint"), &[])
+            .await
+            .map_err(unusable)?
+            .get(0);
         checks.push(Check {
             name,
             violations,

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 use deadpool_postgres::Transaction;
+use tokio_postgres::error::SqlState;
 
 use super::store_error;
 use crate::domain::{Account, CardNumber};
@@ -95,10 +96,15 @@ pub async fn batch(tx: &Transaction<'_>, batch: &Batch) -> Result<(), StoreError
         credit(tx, batch)
     );
     let (accounts, balances) = tokio::join!(accounts, balances);
-    for result in [&accounts, &transactions, &keys, &holds, &credit] {
-        if let Err(error) = result {
-            return Err(store_error(error));
-        }
+    // The statements are pipelined: after the first one fails, the rest fail with 25P02 (the
+    // transaction is aborted), so the error that says what happened is the one that is not that.
+    let errors: Vec<&tokio_postgres::Error> = [&accounts, &balances, &transactions, &keys, &holds, &credit]
+        .into_iter()
+        .filter_map(|result| result.as_ref().err())
+        .collect();
+    let aborted = |error: &&tokio_postgres::Error| error.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION);
+    if let Some(error) = errors.iter().find(|error| !aborted(error)).or(errors.first()) {
+        return Err(store_error(error));
     }
     // Every account a leg names was locked and read by this batch, so each update finds its row.
     let updated = balances.map_err(|error| store_error(&error))?;
