@@ -560,6 +560,8 @@ async fn a_pruned_key_is_a_new_key() {
 /// request under the same key executes (once), and is replayed after that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_stores_nothing_so_the_retry_executes_once() {
+    // Makes the commit fail with SQLite's write lock held from outside.
+    sqlite_only!();
     let server = Server::start(&["--busy-timeout-ms", "100"]);
     let mut client = server.client().await;
     let (a, a_open) = seeded_card(1);

@@ -593,6 +593,10 @@ impl std::ops::DerefMut for Db {
 pub trait LedgerDb {
     fn pairs(&self, sql: &str) -> Vec<(String, i64)>;
     fn integer(&self, sql: &str) -> i64;
+    /// Rows of integers only.
+    fn integers(&self, sql: &str) -> Vec<Vec<i64>>;
+    /// A statement that changes rows (a test's own tampering).
+    fn change(&self, sql: &str);
 }
 
 impl LedgerDb for rusqlite::Connection {
@@ -607,6 +611,20 @@ impl LedgerDb for rusqlite::Connection {
 
     fn integer(&self, sql: &str) -> i64 {
         self.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    fn integers(&self, sql: &str) -> Vec<Vec<i64>> {
+        let mut statement = self.prepare(sql).unwrap();
+        let columns = statement.column_count();
+        statement
+            .query_map([], |r| (0..columns).map(|at| r.get(at)).collect())
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    fn change(&self, sql: &str) {
+        self.execute_batch(sql).unwrap();
     }
 }
 
@@ -632,6 +650,27 @@ impl LedgerDb for Db {
                 .unwrap_or("0")
                 .parse()
                 .unwrap(),
+        }
+    }
+
+    fn integers(&self, sql: &str) -> Vec<Vec<i64>> {
+        match self {
+            Db::Sqlite(conn) => conn.integers(sql),
+            Db::Postgres(url) => postgres::query(url, sql)
+                .into_iter()
+                .map(|row| {
+                    row.iter()
+                        .map(|v| v.as_deref().unwrap_or("0").parse().unwrap())
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    fn change(&self, sql: &str) {
+        match self {
+            Db::Sqlite(conn) => conn.change(sql),
+            Db::Postgres(url) => postgres::execute(url, sql),
         }
     }
 }
