@@ -28,6 +28,20 @@ pub enum Command {
     /// Move the transactions below an id to an archive file; each account's balance just before
     /// becomes its opening balance. `serve` must be stopped.
     Archive(ArchiveArgs),
+    /// Copy a whole SQLite ledger into a new PostgreSQL database, in one transaction, ids kept;
+    /// then verify the copy.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The SQLite ledger to copy (only read; stop the server on it first to move it for good).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The new PostgreSQL database: postgres://user:password@host:port/dbname (it must hold no
+    /// tallyd ledger yet).
+    #[arg(long)]
+    pub to: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -87,7 +101,7 @@ pub struct ImportArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// The SQLite database to check.
+    /// The SQLite database to check, or a postgres:// URL.
     #[arg(long, env = "TALLYD_DB", default_value = "users.db")]
     pub db: PathBuf,
 }

@@ -78,6 +78,33 @@ fn report(
     })
 }
 
+/// `tallyd migrate --from SQLITE --to postgres://...`: the copy, then `verify` of it.
+pub fn migrate(from: &Path, to: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if !crate::store::postgres::is_url(to) {
+        return Err(format!("--to must be a postgres:// URL, not {}", to.display()).into());
+    }
+    let url = to.to_str().ok_or("the database URL is not UTF-8")?;
+    let started = std::time::Instant::now();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let copied = runtime.block_on(crate::store::postgres::copy::copy(from, url))?;
+    println!(
+        "migrated {} into {} in one transaction in {:.2} s: {} accounts, {} transactions, {} idempotency records, \
+         {} holds, {} accounts with credit terms",
+        from.display(),
+        crate::store::postgres::redacted(to),
+        started.elapsed().as_secs_f64(),
+        copied.accounts,
+        copied.transactions,
+        copied.idempotency_records,
+        copied.holds,
+        copied.credit_rows
+    );
+    drop(runtime);
+    run(to)
+}
+
 pub fn archive(db: &Path, before_id: i64, to: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let started = std::time::Instant::now();
     let report = sqlite::archive::archive(db, before_id, to)?;

@@ -208,3 +208,91 @@ async fn one_key_sent_to_two_instances_at_once_is_executed_once() {
     );
     assert_ledger_consistent(&url);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_ledger_migrates_whole_with_its_ids_and_keys_and_serves_on() {
+    let Some(url) = database("migrate-from-sqlite") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("users.db");
+    let mut sqlite = Server::start_on_sqlite(&file, &[]);
+    let mut client = sqlite.client().await;
+    let (card, _) = seeded_card(3);
+    let body = format!(r#"{{"card_number":"{card}","amount":-250}}"#);
+    let first = client.post_keyed("/transaction", &body, "moved-key").await;
+    assert_eq!(first.status.as_u16(), 200, "{}", first.text);
+    let transfer = client
+        .post_json("/transfers", &transfer_body(&card, common::DEMO_CARD, 40))
+        .await;
+    assert_eq!(transfer.status.as_u16(), 200, "{}", transfer.text);
+    let hold = client
+        .post_json("/holds", &format!(r#"{{"card_number":"{card}","amount":15}}"#))
+        .await;
+    assert_eq!(hold.status.as_u16(), 200, "{}", hold.text);
+    drop(client);
+    sqlite.terminate();
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["migrate", "--from"])
+        .arg(&file)
+        .args(["--to", &url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(text.contains("all 11 checks hold"), "{text}");
+    assert_eq!(one(&url, "SELECT count(*) FROM transactions"), "2");
+    assert_ledger_consistent(&url);
+
+    // The copy serves on: the same key replays the same bytes, and new ids follow the old ones.
+    let server = Server::start_with(Path::new(&url), "127.0.0.1:0", &[], "info");
+    let mut client = server.client().await;
+    let replay = client.post_keyed("/transaction", &body, "moved-key").await;
+    assert!(replay.replayed(), "{}", replay.text);
+    assert_eq!(replay.body, first.body);
+    let next = client.transaction(&card, 5).await;
+    // (Not necessarily the very next: the replay's batch took a block too, and ids have gaps.)
+    assert!(next.i64("id") > transfer.i64("id"), "{}", next.text);
+    assert_eq!(client.account_balance(&card).await, next.i64("balance"));
+    let account = client.get(&format!("/accounts/{card}")).await.json();
+    assert_eq!(account["held"], 15);
+
+    // A second migrate into the same database is refused and changes nothing.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["migrate", "--from"])
+        .arg(&file)
+        .args(["--to", &url])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert_eq!(one(&url, "SELECT count(*) FROM transactions"), "3");
+}
+
+#[test]
+fn verify_on_postgresql_finds_a_balance_changed_behind_the_ledger() {
+    let Some(url) = database("verify-tampered") else {
+        return;
+    };
+    let server = Server::start_with(Path::new(&url), "127.0.0.1:0", &[], "info");
+    drop(server);
+    common::postgres::execute(
+        &url,
+        "UPDATE ledger_accounts SET balance = balance + 1 WHERE name = '1234567890'",
+    );
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["verify", "--db", &url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "{text}");
+    assert!(
+        text.contains("FAILED every account's current balance is its opening balance plus the sum of its legs (1 violations"),
+        "{text}"
+    );
+    assert!(!text.contains(":tallyd@"), "the password is not printed: {text}");
+}

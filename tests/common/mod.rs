@@ -63,6 +63,16 @@ impl Server {
     /// same one each time it is given the same `db`, so restarts keep their ledger).
     pub fn start_with(db: &Path, listen: &str, extra: &[&str], log_filter: &str) -> Server {
         let db = postgres::database_for(db).map_or_else(|| db.to_owned(), PathBuf::from);
+        Self::spawn(db, listen, extra, log_filter)
+    }
+
+    /// Starts the server on the SQLite file `db` whatever `TALLYD_TEST_DB` says (a test that
+    /// moves a SQLite ledger to PostgreSQL needs both).
+    pub fn start_on_sqlite(db: &Path, extra: &[&str]) -> Server {
+        Self::spawn(db.to_owned(), "127.0.0.1:0", extra, "info")
+    }
+
+    fn spawn(db: PathBuf, listen: &str, extra: &[&str], log_filter: &str) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .args(["serve", "--listen", listen, "--db"])
             .arg(&db)

@@ -46,13 +46,30 @@ pub struct Prepared {
 /// empty. Refuses a database of a newer version than this binary knows.
 pub async fn prepare(pool: &Pool, seed: Option<&str>) -> Result<Prepared, StoreError> {
     let mut client = pool.get().await?;
-    let unusable = |what: &str, error: tokio_postgres::Error| {
-        StoreError::Unusable(format!("{what}: {}", describe(&error)))
-    };
     let tx = client
         .transaction()
         .await
         .map_err(|error| unusable("cannot start the migration", error))?;
+    let prepared = prepare_in(&tx, seed).await?;
+    tx.commit()
+        .await
+        .map_err(|error| unusable("cannot commit the migration", error))?;
+    if !prepared.applied.is_empty() {
+        tracing::info!(versions = ?prepared.applied, "migrated the PostgreSQL schema");
+    }
+    Ok(prepared)
+}
+
+fn unusable(what: &str, error: tokio_postgres::Error) -> StoreError {
+    StoreError::Unusable(format!("{what}: {}", describe(&error)))
+}
+
+/// [`prepare`] inside the caller's transaction (`tallyd migrate` creates the schema and copies a
+/// ledger into it in one). Takes the advisory lock, held until that transaction ends.
+pub async fn prepare_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    seed: Option<&str>,
+) -> Result<Prepared, StoreError> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await
         .map_err(|error| unusable("cannot take the migration lock", error))?;
@@ -93,12 +110,6 @@ pub async fn prepare(pool: &Pool, seed: Option<&str>) -> Result<Prepared, StoreE
         tx.batch_execute(seed.unwrap_or(SEED))
             .await
             .map_err(|error| unusable("the seed does not load", error))?;
-    }
-    tx.commit()
-        .await
-        .map_err(|error| unusable("cannot commit the migration", error))?;
-    if !applied.is_empty() {
-        tracing::info!(versions = ?applied, "migrated the PostgreSQL schema");
     }
     Ok(Prepared {
         applied,

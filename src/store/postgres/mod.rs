@@ -42,10 +42,11 @@
 //!   (then a read may lag the writes it follows by the replica's replay lag).
 //!
 //! What it does not do yet: API keys are kept in the SQLite database only, so a PostgreSQL server
-//! runs without keys (on loopback, or with `--allow-unauthenticated`); TLS to the database is not
+//! runs without keys (on loopback, or with `--allow-unauthenticated`); `tallyd migrate` does not copy a SQLite ledger with archived history; TLS to the database is not
 //! wired (`sslmode=require` is refused); `/stats`' average balance is re-read once a second by one
 //! worker per instance (a scan of the accounts), not kept up to date by each batch.
 
+pub mod copy;
 pub mod migrate;
 pub mod reader;
 pub mod rows;
@@ -67,6 +68,11 @@ pub use reader::PgReader;
 pub const POOL_WAIT: Duration = Duration::from_secs(5);
 /// Read connections per instance.
 pub const READ_POOL_SIZE: usize = 16;
+/// Longest a statement waits for a row lock (another instance's batch, or an operator's
+/// transaction left open) before it fails with 55P03 and its batch is decided again; after
+/// [`crate::engine`]'s attempts run out, 503. Without it a stuck lock holder would stall a
+/// worker for good.
+pub const LOCK_TIMEOUT_MS: u32 = 5_000;
 
 /// Whether `--db` names a PostgreSQL database (a URL) rather than a SQLite file (a path).
 pub fn is_url(db: &std::path::Path) -> bool {
@@ -95,8 +101,13 @@ pub fn redacted(db: &std::path::Path) -> String {
 
 /// A pool of `size` connections to `url`. Connections are made when first needed.
 pub fn pool(url: &str, size: usize) -> Result<Pool, StoreError> {
-    let config = tokio_postgres::Config::from_str(url)
+    let mut config = tokio_postgres::Config::from_str(url)
         .map_err(|error| StoreError::Unusable(format!("not a PostgreSQL URL: {error}")))?;
+    let options = format!(
+        "{} -c lock_timeout={LOCK_TIMEOUT_MS}",
+        config.get_options().unwrap_or_default()
+    );
+    config.options(options.trim_start());
     if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
         return Err(StoreError::Unusable(
             "sslmode=require: TLS to PostgreSQL is not supported yet".into(),
