@@ -687,8 +687,9 @@ fn snapshot_state(
     Ok(state)
 }
 
-/// Asserts what the writes rely on: every account a leg moves was locked (or opened) by this
-/// batch, and every id is from the batch's blocks.
+/// Checks what the writes rely on: every account a leg moves was locked (or opened) by this
+/// batch, and every id is from the batch's blocks. A failure is a bug in this module; the batch
+/// fails whole (503) rather than write what was decided on rows it did not hold.
 fn check_locked(batch: &Batch, locked: &BTreeSet<String>, blocks: &Blocks) -> Result<(), Failure> {
     let opened: BTreeSet<&str> = batch
         .accounts
@@ -712,14 +713,12 @@ fn check_locked(batch: &Batch, locked: &BTreeSet<String>, blocks: &Blocks) -> Re
             .any(|record| !within(record.id, blocks.keys))
         || batch.holds.iter().any(|hold| stray_hold(hold.id));
     if let Some(account) = unlocked {
-        debug_assert!(false, "the batch moved {account:?}, which it did not lock");
         return Err(Failure::Failed(format!(
             "the batch moved {}, which it did not lock",
             account.name()
         )));
     }
     if stray_id {
-        debug_assert!(false, "the batch numbered a record outside its blocks");
         return Err(Failure::Failed(
             "the batch numbered a record outside its blocks".into(),
         ));
@@ -781,5 +780,133 @@ impl Store for Snapshot {
         _rows_max: u32,
     ) -> Result<Vec<crate::store::KeyName>, StoreError> {
         Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{
+        Amount, CaptureRequest, IdempotencyKey, PositiveAmount, TransactionRequest, TransferRequest,
+        VoidRequest,
+    };
+    use crate::store::{Leg, NewAccount, TransactionRecord};
+
+    fn card(n: u8) -> CardNumber {
+        CardNumber::parse(&format!("40000000{n:02}")).unwrap()
+    }
+
+    fn transfer(from: u8, to: u8) -> Command {
+        Command::Transfer(TransferRequest {
+            source: card(from),
+            destination: card(to),
+            amount: PositiveAmount::new(5).unwrap(),
+            reference: None,
+        })
+    }
+
+    #[test]
+    fn a_batch_names_its_cards_holds_and_the_world_and_bounds_what_it_makes() {
+        let key = IdempotencyKey::parse(b"k-1").unwrap();
+        let deposit = Command::Transaction(TransactionRequest {
+            card: card(3),
+            amount: Amount::new(10).unwrap(),
+        });
+        let capture = Command::CaptureHold(CaptureRequest {
+            hold_id: 9,
+            amount: None,
+        });
+        let batch = Command::Batch(vec![
+            BatchItem::Transfer(TransferRequest {
+                source: card(4),
+                destination: card(5),
+                amount: PositiveAmount::new(1).unwrap(),
+                reference: None,
+            }),
+            BatchItem::Void(VoidRequest { hold_id: 7 }),
+        ]);
+        let commands = [
+            (&transfer(1, 2), None),
+            (&deposit, Some(("/transaction", &key))),
+            (&capture, None),
+            (&batch, None),
+        ];
+        let named = named(&commands);
+        let cards: Vec<String> = (1..=5).map(|n| card(n).as_str().to_owned()).collect();
+        assert_eq!(named.cards.into_iter().collect::<Vec<_>>(), cards);
+        assert_eq!(named.holds.into_iter().collect::<Vec<_>>(), [7, 9]);
+        assert!(named.world, "a deposit and a capture may move the outside world");
+        assert_eq!((named.transactions, named.new_holds, named.keys), (4, 0, 1));
+    }
+
+    #[test]
+    fn transfers_between_cards_leave_the_world_unlocked() {
+        let commands = [(&transfer(1, 2), None), (&transfer(2, 1), None)];
+        let named = named(&commands);
+        assert!(
+            !named.world,
+            "the outside world's row is the hottest: locked only when it may move"
+        );
+        assert_eq!(named.transactions, 2);
+    }
+
+    #[test]
+    fn a_batch_that_moves_an_account_it_did_not_lock_is_refused() {
+        let leg = |account: Account, amount| Leg {
+            account,
+            amount,
+            balance_after: amount,
+            previous_id: None,
+        };
+        let batch = Batch {
+            accounts: vec![NewAccount { card: card(2) }],
+            transactions: vec![TransactionRecord {
+                id: 100,
+                kind: crate::domain::Kind::Transfer,
+                amount: 1,
+                reference: None,
+                idempotency_key: None,
+                legs: [leg(Account::Card(card(1)), -1), leg(Account::Card(card(2)), 1)],
+            }],
+            ..Batch::default()
+        };
+        let blocks = Blocks {
+            transactions: (100, 1),
+            holds: (NO_BLOCK, 0),
+            keys: (NO_BLOCK, 0),
+        };
+        let locked: BTreeSet<String> = [card(1).as_str().to_owned()].into();
+        assert!(
+            check_locked(&batch, &locked, &blocks).is_ok(),
+            "opened now counts as locked"
+        );
+        let outside = Blocks {
+            transactions: (101, 1),
+            ..blocks
+        };
+        assert!(
+            check_locked(&batch, &locked, &outside).is_err(),
+            "an id outside the block"
+        );
+        let nothing_locked = BTreeSet::new();
+        let unopened = Batch {
+            accounts: Vec::new(),
+            ..batch
+        };
+        assert!(
+            check_locked(&unopened, &nothing_locked, &blocks).is_err(),
+            "a leg on an unlocked account"
+        );
+    }
+
+    #[test]
+    fn backoff_is_jittered_around_its_base() {
+        for _ in 0..100 {
+            let wait = jittered(Duration::from_millis(8));
+            assert!(
+                wait >= Duration::from_millis(4) && wait <= Duration::from_millis(12),
+                "{wait:?}"
+            );
+        }
     }
 }
