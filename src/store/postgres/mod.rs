@@ -20,6 +20,13 @@
 //!   (40001) and unique violations (23505: another instance opened the same account or used the
 //!   same key at the same moment) roll the batch back and decide it again after a backoff, up to
 //!   a bound; past it every command of the batch is answered 503 and nothing changed.
+//! * **The outside world is one row.** Every deposit, withdrawal and capture to the outside world
+//!   moves `@world`, whose balance and chain each leg records, so the batches that move it queue
+//!   on its row lock, whichever instance they are on: across instances, such batches commit one
+//!   at a time (each carrying as many commands as piled up meanwhile), while transfers between
+//!   cards proceed side by side. Keeping the outside world's per-leg balance (as SQLite does, and
+//!   as `verify` checks) is what costs this; spreading it over several rows would change the data
+//!   model and is left for later.
 //! * **Ids.** Transaction, key and hold ids are handed out in contiguous blocks from one row
 //!   (`tallyd_ids`), on a second connection, after the batch holds its account locks: a batch that
 //!   touches an account another batch holds takes its ids after that batch committed, so ids and
