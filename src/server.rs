@@ -218,7 +218,7 @@ pub(crate) fn check_exposure(
              Create a key first: `tallyd keys create --db {db} --name NAME --scope write` (clients then send \
              `Authorization: Bearer <key>`), or listen on 127.0.0.1, or pass --allow-unauthenticated \
              (TALLYD_ALLOW_UNAUTHENTICATED=true) to serve without keys until the first one is created",
-            db = config.db.display()
+            db = crate::store::postgres::redacted(&config.db)
         )));
     }
     tracing::warn!(
