@@ -296,3 +296,91 @@ fn verify_on_postgresql_finds_a_balance_changed_behind_the_ledger() {
     );
     assert!(!text.contains(":tallyd@"), "the password is not printed: {text}");
 }
+
+/// The guard against losing or doubling money when the database connection fails mid-batch: while
+/// keyed clients send transfers, every connection of the server to PostgreSQL is terminated again
+/// and again (some batches fail before COMMIT: 503 storage_unavailable; some during it: 503
+/// outcome_unknown). Each client retries its request with the same key until it gets an answer
+/// that is not a 503; in the end every key moved money exactly once and the books balance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_killed_under_keyed_load_lose_and_double_nothing() {
+    let Some(url) = database("connections-killed") else {
+        return;
+    };
+    let server = Server::start_with(Path::new(&url), "127.0.0.1:0", &["--workers", "2"], "info");
+    const CLIENTS: usize = 8;
+    const REQUESTS: usize = 40;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let (url, stop) = (url.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut kills = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(150));
+                common::postgres::execute(
+                    &url,
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                );
+                kills += 1;
+            }
+            kills
+        })
+    };
+    let mut tasks = Vec::new();
+    for client_index in 0..CLIENTS {
+        let addr = server.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut client = common::Client::connect(addr).await;
+            let (mut unknown, mut unavailable) = (0, 0);
+            for n in 0..REQUESTS {
+                let source = seeded_card(1 + (client_index as u32 * 2) % 10).0;
+                let destination = seeded_card(2 + (n as u32 * 3) % 9).0;
+                if source == destination {
+                    continue;
+                }
+                let key = format!("kill-{client_index}-{n}");
+                let body = transfer_body(&source, &destination, 1 + n as i64);
+                loop {
+                    let reply = client.post_keyed("/transfers", &body, &key).await;
+                    let code = serde_json::from_str::<serde_json::Value>(&reply.text)
+                        .ok()
+                        .and_then(|body| body["error"]["code"].as_str().map(str::to_owned));
+                    match (reply.status.as_u16(), code.as_deref()) {
+                        (503, Some("outcome_unknown")) => unknown += 1,
+                        (503, _) => unavailable += 1,
+                        (200, _) => break,
+                        (status, _) => panic!("unexpected {status}: {}", reply.text),
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+            (unknown, unavailable)
+        }));
+    }
+    let (mut unknown, mut unavailable) = (0, 0);
+    for task in tasks {
+        let (u, a) = task.await.unwrap();
+        unknown += u;
+        unavailable += a;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let kills = killer.join().unwrap();
+    let keys: i64 = one(&url, "SELECT count(DISTINCT idempotency_key) FROM transactions")
+        .parse()
+        .unwrap();
+    let transactions: i64 = one(&url, "SELECT count(*) FROM transactions").parse().unwrap();
+    assert_eq!(transactions, keys, "no key moved money twice");
+    let answered: i64 = one(&url, "SELECT count(*) FROM idempotency_keys")
+        .parse()
+        .unwrap();
+    assert_eq!(
+        answered, transactions,
+        "every key that moved money keeps its answer, and only those"
+    );
+    assert_ledger_consistent(&url);
+    eprintln!(
+        "connections killed {kills} times: {transactions} transfers, {unavailable} retries after 503 \
+         storage_unavailable, {unknown} after 503 outcome_unknown"
+    );
+}
