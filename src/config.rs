@@ -28,6 +28,20 @@ pub enum Command {
     /// Move the transactions below an id to an archive file; each account's balance just before
     /// becomes its opening balance. `serve` must be stopped.
     Archive(ArchiveArgs),
+    /// Copy a whole SQLite ledger into a new PostgreSQL database, in one transaction, ids kept;
+    /// then verify the copy.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The SQLite ledger to copy (only read; stop the server on it first to move it for good).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The new PostgreSQL database: postgres://user:password@host:port/dbname (it must hold no
+    /// tallyd ledger yet).
+    #[arg(long)]
+    pub to: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -87,7 +101,7 @@ pub struct ImportArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// The SQLite database to check.
+    /// The SQLite database to check, or a postgres:// URL.
     #[arg(long, env = "TALLYD_DB", default_value = "users.db")]
     pub db: PathBuf,
 }
@@ -110,9 +124,16 @@ pub struct Config {
     #[arg(long, env = "TALLYD_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// SQLite database file; created from the seed if it does not exist.
+    /// SQLite database file; created from the seed if it does not exist. A
+    /// `postgres://user:password@host:port/dbname` URL chooses PostgreSQL instead (schema created
+    /// or migrated at start).
     #[arg(long, env = "TALLYD_DB", default_value = "users.db")]
     pub db: PathBuf,
+
+    /// PostgreSQL only: a `postgres://` URL of a replica that the read routes use (they may lag
+    /// the writes by the replica's replay lag); by default reads use `--db`.
+    #[arg(long, env = "TALLYD_READ_DB")]
+    pub read_db: Option<String>,
 
     /// SQL file that creates the schema and seed accounts of a new database
     /// [default: the users.db.sql built into the binary].

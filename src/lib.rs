@@ -27,6 +27,7 @@ pub mod domain;
 pub mod engine;
 pub mod http;
 pub mod server;
+mod server_postgres;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -21,6 +21,7 @@ fn main() -> std::process::ExitCode {
         Command::Import(args) => tallyd::verify::import(&args.from, &args.db),
         Command::Keys(args) => tallyd::auth::keys::run(&args).map_err(Into::into),
         Command::Archive(args) => tallyd::verify::archive(&args.db, args.before_id, &args.to),
+        Command::Migrate(args) => tallyd::verify::migrate(&args.from, &args.to),
     };
     match result {
         Ok(code) => code,

@@ -24,7 +24,7 @@ use tokio_io_timeout::TimeoutStream;
 use crate::analytics::{Analytics, BalanceSample};
 use crate::auth::{self, rate::Limiter};
 use crate::config::{limits, Config};
-use crate::engine::{Engine, EngineState};
+use crate::engine::{Engine, EngineState, Workers};
 use crate::http::{self, App, Peer};
 use crate::store::sqlite::{SqliteReader, SqliteStore};
 use crate::store::StoreError;
@@ -55,6 +55,15 @@ pub fn serve_until_signal(config: Config) -> Result<ExitCode, Box<dyn std::error
     runtime.block_on(async {
         // Registered before anything is logged, so that a SIGTERM right after `listening` drains too.
         let shutdown = shutdown_signal()?;
+        if crate::store::postgres::is_url(&config.db) {
+            // The schema first: a database tallyd cannot use is refused before we listen.
+            let backend = crate::server_postgres::open(&config).await?;
+            let listener = TcpListener::bind(config.listen)
+                .await
+                .map_err(ServerError::Listen)?;
+            crate::server_postgres::run(listener, backend, config, shutdown, started).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
         // The store first: a database held by another tallyd is refused before we listen.
         let store = open_store(&config).await?;
         let listener = TcpListener::bind(config.listen)
@@ -91,10 +100,8 @@ pub async fn run(
     started: std::time::Instant,
 ) -> Result<(), ServerError> {
     let address = listener.local_addr().map_err(ServerError::Listen)?;
-    // Certificates are checked before anything starts: a typo in a path fails at once.
-    let tls = config.tls_files().map(Tls::load).transpose()?.map(Arc::new);
     // Keys first: a server that would be open to the network refuses before it does anything else.
-    let (keys, _reloader) = auth::reload::start(&config.db, store.key_touches())?;
+    let (keys, reloader) = auth::reload::start(&config.db, store.key_touches())?;
     check_exposure(&config, address, keys.current().required())?;
     let (engine, workers) = {
         let config = config.clone();
@@ -103,6 +110,43 @@ pub async fn run(
             .expect("starting the engine does not panic")?
     };
     let reader = SqliteReader::open(&config.db)?;
+    let backend = Backend {
+        engine,
+        workers,
+        reader: Arc::new(reader),
+        keys,
+        _guard: Box::new(reloader),
+    };
+    serve(listener, backend, config, shutdown, started).await
+}
+
+/// A started engine and what the handlers read from, whichever the database.
+pub(crate) struct Backend {
+    pub engine: Engine,
+    pub workers: Workers,
+    pub reader: Arc<dyn crate::store::Reader>,
+    pub keys: Arc<auth::KeyRing>,
+    /// Whatever must live as long as the server (the API keys' reload thread).
+    pub _guard: Box<dyn std::any::Any + Send>,
+}
+
+/// Serves a started backend on `listener` until `shutdown` completes, then drains and returns.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    backend: Backend,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    started: std::time::Instant,
+) -> Result<(), ServerError> {
+    let Backend {
+        engine,
+        workers,
+        reader,
+        keys,
+        _guard,
+    } = backend;
+    // Certificates are checked before anything starts: a typo in a path fails at once.
+    let tls = config.tls_files().map(Tls::load).transpose()?.map(Arc::new);
     let metrics = telemetry::metrics_handle();
     telemetry::describe(usize::from(config.workers), engine.queue_capacity());
     let analytics = Arc::new(Analytics::new(
@@ -119,7 +163,7 @@ pub async fn run(
         .map(|(per_second, burst)| Limiter::new(per_second, burst));
     let app = Arc::new(App {
         engine,
-        reader: Arc::new(reader),
+        reader,
         analytics,
         metrics,
         workers: usize::from(config.workers),
@@ -147,7 +191,7 @@ pub async fn run(
     // How long the start took (the database opened, every account loaded, the journal replayed):
     // the benchmark reads it.
     let started_in_ms = started.elapsed().as_millis() as u64;
-    tracing::info!(addr = %address, scheme, db = %config.db.display(), durability = ?config.durability, started_in_ms, "listening");
+    tracing::info!(addr = %address, scheme, db = %crate::store::postgres::redacted(&config.db), durability = ?config.durability, started_in_ms, "listening");
     let connections = accept_until(listener, &app, tls, &config, shutdown).await;
     drain(connections).await;
 
@@ -157,12 +201,17 @@ pub async fn run(
     reloader.abort();
     drop(app);
     let _ = tokio::task::spawn_blocking(move || workers.join()).await;
+    drop(_guard);
     tracing::info!("every queued transaction is committed and answered; bye");
     Ok(())
 }
 
 /// Refuses to serve a non-loopback address with no API key unless `--allow-unauthenticated`.
-fn check_exposure(config: &Config, address: SocketAddr, keys_exist: bool) -> Result<(), ServerError> {
+pub(crate) fn check_exposure(
+    config: &Config,
+    address: SocketAddr,
+    keys_exist: bool,
+) -> Result<(), ServerError> {
     if keys_exist || address.ip().is_loopback() {
         return Ok(());
     }
@@ -172,7 +221,7 @@ fn check_exposure(config: &Config, address: SocketAddr, keys_exist: bool) -> Res
              Create a key first: `tallyd keys create --db {db} --name NAME --scope write` (clients then send \
              `Authorization: Bearer <key>`), or listen on 127.0.0.1, or pass --allow-unauthenticated \
              (TALLYD_ALLOW_UNAUTHENTICATED=true) to serve without keys until the first one is created",
-            db = config.db.display()
+            db = crate::store::postgres::redacted(&config.db)
         )));
     }
     tracing::warn!(

@@ -11,6 +11,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::store::sqlite;
 
 pub fn run(db: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if crate::store::postgres::is_url(db) {
+        return run_postgres(db);
+    }
     if !db.exists() {
         return Err(format!("no database at {}", db.display()).into());
     }
@@ -28,13 +31,34 @@ pub fn run(db: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
     });
     bar.finish_and_clear();
     let (transactions, checks) = result?;
+    report(db, started, transactions, &checks)
+}
+
+/// `verify` on PostgreSQL: the same report, from [`crate::store::postgres::verify`].
+fn run_postgres(db: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let started = std::time::Instant::now();
+    let url = db.to_str().ok_or("the database URL is not UTF-8")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (transactions, checks) = runtime.block_on(crate::store::postgres::verify::verify(url))?;
+    let shown = crate::store::postgres::redacted(db);
+    report(Path::new(&shown), started, transactions, &checks)
+}
+
+fn report(
+    db: &Path,
+    started: std::time::Instant,
+    transactions: i64,
+    checks: &[sqlite::Check],
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
     println!(
         "verifying {} ({transactions} transactions, {:.1} s)",
         db.display(),
         started.elapsed().as_secs_f64()
     );
     let mut failed = 0;
-    for check in &checks {
+    for check in checks {
         let verdict = if check.violations == 0 { "ok" } else { "FAILED" };
         println!(
             "  {verdict:6} {} ({} violations, {:.2} s)",
@@ -52,6 +76,33 @@ pub fn run(db: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `tallyd migrate --from SQLITE --to postgres://...`: the copy, then `verify` of it.
+pub fn migrate(from: &Path, to: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if !crate::store::postgres::is_url(to) {
+        return Err(format!("--to must be a postgres:// URL, not {}", to.display()).into());
+    }
+    let url = to.to_str().ok_or("the database URL is not UTF-8")?;
+    let started = std::time::Instant::now();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let copied = runtime.block_on(crate::store::postgres::copy::copy(from, url))?;
+    println!(
+        "migrated {} into {} in one transaction in {:.2} s: {} accounts, {} transactions, {} idempotency records, \
+         {} holds, {} accounts with credit terms",
+        from.display(),
+        crate::store::postgres::redacted(to),
+        started.elapsed().as_secs_f64(),
+        copied.accounts,
+        copied.transactions,
+        copied.idempotency_records,
+        copied.holds,
+        copied.credit_rows
+    );
+    drop(runtime);
+    run(to)
 }
 
 pub fn archive(db: &Path, before_id: i64, to: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {

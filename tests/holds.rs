@@ -8,7 +8,9 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{create_key, db_transactions, Client, Deadline, Reply, Server, DEMO_CARD, DEMO_OPENING};
+use common::{
+    create_key, db_transactions, Client, Deadline, LedgerDb, Reply, Server, DEMO_CARD, DEMO_OPENING,
+};
 use http_body_util::Full;
 use hyper::Request;
 use serde_json::{json, Value};
@@ -296,6 +298,8 @@ async fn the_sweeper_expires_holds_and_a_late_capture_is_refused() {
 
 #[tokio::test]
 async fn a_hold_that_expired_while_tallyd_was_down_is_expired_before_the_first_request() {
+    // Checks SQLite's start-up sweep, which runs before the server listens.
+    sqlite_only!();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("users.db");
     let mut server = Server::start_on(&db, &[]);
@@ -625,6 +629,8 @@ async fn a_batch_funds_and_spends_in_one_commit_or_changes_nothing() {
 
 #[tokio::test]
 async fn changing_a_limit_needs_the_admin_scope() {
+    // API keys are kept in the SQLite database only, so far.
+    sqlite_only!();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("users.db");
     // The database exists before the keys do.
@@ -740,24 +746,17 @@ async fn sixteen_clients_hold_capture_void_and_batch_at_once_and_the_books_balan
     let (opening, current) = common::db_totals(&db);
     assert_eq!(opening, current, "double entry: nothing created or destroyed");
     for (id, amount) in &captured {
-        let stored: (String, i64) = db
-            .query_row(
-                "SELECT h.status, t.amount FROM holds h JOIN transactions t ON t.id = h.transaction_id WHERE h.id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .unwrap();
+        let stored = db.pairs(&format!(
+            "SELECT h.status, t.amount FROM holds h JOIN transactions t ON t.id = h.transaction_id WHERE h.id = {id}"
+        ))[0]
+            .clone();
         assert_eq!(stored, ("captured".to_owned(), *amount), "hold {id}");
     }
     for card in &cards {
         let (balance, held, available) = position(&mut setup, card).await;
-        let pending: i64 = db
-            .query_row(
-                "SELECT coalesce(sum(amount), 0) FROM holds WHERE card_number = ?1 AND status = 'pending'",
-                [card],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let pending = db.integer(&format!(
+            "SELECT coalesce(sum(amount), 0) FROM holds WHERE card_number = '{card}' AND status = 'pending'"
+        ));
         assert_eq!(held, pending, "{card}");
         assert!(available >= 0, "{card}: {balance} - {held}");
     }
@@ -776,8 +775,7 @@ async fn verify_finds_a_held_amount_that_is_not_its_pending_holds() {
     server.terminate();
     server
         .sqlite()
-        .execute("UPDATE account_credit SET held = held + 1", [])
-        .unwrap();
+        .change("UPDATE account_credit SET held = held + 1");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
         .args(["verify", "--db"])
         .arg(&server.db)

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    db_balances, db_totals, db_transactions, seeded_card, test_seed, transfer_body, Client, Deadline, Reply,
-    Rng, Server, DEMO_CARD, DEMO_OPENING,
+    db_balances, db_totals, db_transactions, seeded_card, test_seed, transfer_body, Client, Deadline,
+    LedgerDb, Reply, Rng, Server, DEMO_CARD, DEMO_OPENING,
 };
 use serde_json::{json, Value};
 
@@ -323,13 +323,8 @@ async fn accounts_open_once_start_at_zero_and_take_transfers() {
         assert_error(&client.post_json("/accounts", body).await, status, code);
     }
     let db = server.sqlite();
-    let opened_by_hand: i64 = db
-        .query_row(
-            "SELECT count(*) FROM ledger_accounts WHERE opening_balance = 0 AND name <> '@world'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let opened_by_hand =
+        db.integer("SELECT count(*) FROM ledger_accounts WHERE opening_balance = 0 AND name <> '@world'");
     assert_eq!(opened_by_hand, 2, "only the two accounts opened");
     server.verify();
 }
@@ -553,6 +548,8 @@ async fn every_refusal_of_the_new_routes_has_its_code_and_moves_nothing() {
 /// A transfer or deposit that would take a balance past i64::MAX minor units is refused, whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_credit_past_the_largest_balance_is_refused_whole() {
+    // Starts from a SQLite seed file.
+    sqlite_only!();
     let dir = tempfile::tempdir().unwrap();
     let seed = dir.path().join("seed.sql");
     std::fs::write(
@@ -583,6 +580,8 @@ async fn a_credit_past_the_largest_balance_is_refused_whole() {
 /// must still add them up (the engine keeps its totals in i128 for the same reason).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_adds_up_balances_whose_total_passes_i64() {
+    // Starts from a SQLite seed file.
+    sqlite_only!();
     let dir = tempfile::tempdir().unwrap();
     let seed = dir.path().join("seed.sql");
     std::fs::write(
@@ -706,13 +705,7 @@ async fn conservation_under_contention_64_clients_8_cards() {
         acknowledged as i64,
         "only acknowledged requests committed"
     );
-    let negative: i64 = db
-        .query_row(
-            "SELECT count(*) FROM entries WHERE balance_after < 0 AND account <> '@world'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let negative = db.integer("SELECT count(*) FROM entries WHERE balance_after < 0 AND account <> '@world'");
     assert_eq!(negative, 0);
     eprintln!(
         "conservation: {} requests from {CLIENTS} clients over {CARDS} cards: {acknowledged} acknowledged, \
@@ -827,17 +820,13 @@ async fn paging_a_statement_while_transfers_commit_misses_and_repeats_nothing() 
     let newest = ids[0];
     let db = server.sqlite();
     let history: Vec<(i64, i64, i64)> = db
-        .prepare(
-            "SELECT transaction_id, amount, balance_after FROM entries WHERE account = ?1 \
-             AND transaction_id <= ?2 ORDER BY transaction_id DESC",
-        )
-        .unwrap()
-        .query_map(rusqlite::params![card, newest], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+        .integers(&format!(
+            "SELECT transaction_id, amount, balance_after FROM entries WHERE account = '{card}' \
+             AND transaction_id <= {newest} ORDER BY transaction_id DESC"
+        ))
+        .into_iter()
+        .map(|row| (row[0], row[1], row[2]))
+        .collect();
     let seen: Vec<(i64, i64, i64)> = walked
         .iter()
         .map(|e| {
@@ -852,11 +841,7 @@ async fn paging_a_statement_while_transfers_commit_misses_and_repeats_nothing() 
         seen, history,
         "the walk is the card's history as of its first page"
     );
-    let total: i64 = db
-        .query_row("SELECT count(*) FROM entries WHERE account = ?1", [&card], |r| {
-            r.get(0)
-        })
-        .unwrap();
+    let total = db.integer(&format!("SELECT count(*) FROM entries WHERE account = '{card}'"));
     eprintln!(
         "pagination: walked {} entries in {pages} pages of {PAGE} while {} requests committed ({} entries on the card at the end)",
         walked.len(),

@@ -7,20 +7,19 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::{
-    parse_prometheus, seeded_card, series_value, Client, Deadline, Server, DEMO_CARD, DEMO_OPENING,
+    parse_prometheus, seeded_card, series_value, Client, Deadline, LedgerDb, Server, DEMO_CARD, DEMO_OPENING,
 };
 use hyper::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn journal_count(server: &Server) -> i64 {
-    server
-        .sqlite()
-        .query_row("SELECT count(*) FROM journal", [], |r| r.get(0))
-        .unwrap()
+    server.sqlite().integer("SELECT count(*) FROM journal")
 }
 
 #[tokio::test]
 async fn deposits_and_withdrawals_commit_and_are_journaled() {
+    // Reads the journal through rusqlite, row by row.
+    sqlite_only!();
     let server = Server::start(&[]);
     let mut client = server.client().await;
 
@@ -302,22 +301,22 @@ async fn concurrent_clients_on_few_cards_conserve_money() {
             *balance,
             "{card}: opening + acknowledged"
         );
-        let journal: i64 = db
-            .query_row(
-                "SELECT coalesce(sum(amount), 0) FROM journal WHERE card_number = ?1",
-                [card],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let journal = db.integer(&format!(
+            "SELECT coalesce(sum(amount), 0) FROM journal WHERE card_number = '{card}'"
+        ));
         let opening = cards.iter().find(|(c, _)| c == card).unwrap().1;
         assert_eq!(opening + journal, *balance, "{card}: opening + journal");
     }
-    let mut by_id = db
-        .prepare("SELECT card_number, amount FROM journal WHERE id = ?1")
-        .unwrap();
+    let rows: HashMap<i64, (String, i64)> = db
+        .pairs("SELECT id || ' ' || card_number, amount FROM journal")
+        .into_iter()
+        .map(|(id_card, amount)| {
+            let (id, card) = id_card.split_once(' ').unwrap();
+            (id.parse().unwrap(), (card.to_owned(), amount))
+        })
+        .collect();
     for (id, card, amount) in &acknowledged {
-        let row: (String, i64) = by_id.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
-        assert_eq!(row, (card.clone(), *amount), "journal row {id}");
+        assert_eq!(rows.get(id), Some(&(card.clone(), *amount)), "journal row {id}");
     }
     assert_eq!(
         journal_count(&server),
@@ -332,6 +331,8 @@ async fn concurrent_clients_on_few_cards_conserve_money() {
 /// and Retry-After while the rest wait; then releases the lock and checks that the rest commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_503_at_once_and_recovers() {
+    // Blocks the worker with SQLite's exclusive lock.
+    sqlite_only!();
     const SENT: u64 = 24;
     const QUEUE_DEPTH: u64 = 4;
     let server = Server::start(&[
@@ -425,6 +426,8 @@ async fn a_full_queue_answers_503_at_once_and_recovers() {
 /// them, then exit 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_commits_and_answers_what_was_queued() {
+    // Blocks the worker with SQLite's exclusive lock.
+    sqlite_only!();
     const QUEUED: u64 = 8;
     let mut server = Server::start(&["--workers", "1", "--busy-timeout-ms", "120000"]);
     let blocker = server.sqlite();
@@ -470,6 +473,8 @@ async fn graceful_shutdown_commits_and_answers_what_was_queued() {
 
 #[tokio::test]
 async fn metrics_and_stats_count_what_was_sent() {
+    // Counts the accounts in the engine's memory, which PostgreSQL does not keep.
+    sqlite_only!();
     let server = Server::start(&["--workers", "3"]);
     let mut client = server.client().await;
     for _ in 0..3 {

@@ -91,6 +91,9 @@ pub enum Outcome {
     Bulk(Vec<Outcome>),
     /// The batch could not be committed (disk full, read-only, I/O error). Nothing changed.
     StorageFailed,
+    /// The connection to the database failed while the batch's commit was in flight (PostgreSQL):
+    /// it may or may not have committed. A retry under the same idempotency key finds out.
+    OutcomeUnknown,
 }
 
 /// Why the ledger said no.
@@ -798,7 +801,7 @@ fn decide_keyed<'a>(
         | Outcome::Bulk(_)
         | Outcome::Refused(_) => None,
         // Nothing was decided: a retry must be free to run.
-        Outcome::Replayed(_) | Outcome::StorageFailed => return outcome,
+        Outcome::Replayed(_) | Outcome::StorageFailed | Outcome::OutcomeUnknown => return outcome,
     };
     if let (Some(id), Some(record)) = (transaction_id, staging.batch.transactions.last_mut()) {
         debug_assert_eq!(record.id, id);
@@ -865,7 +868,7 @@ fn bulk_transfer<'a>(
 }
 
 /// The keys of a bulk request's items (none for any other command), looked up with the batch's.
-fn bulk_item_keys<'a>(command: &'a Command) -> impl Iterator<Item = ScopedKey<'a>> + 'a {
+pub(super) fn bulk_item_keys<'a>(command: &'a Command) -> impl Iterator<Item = ScopedKey<'a>> + 'a {
     let items = match command {
         Command::BulkTransfer(bulk) => Some(bulk.as_ref()),
         _ => None,

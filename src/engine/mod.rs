@@ -24,6 +24,7 @@
 mod accounts;
 mod keys;
 pub mod ledger;
+mod postgres;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -33,6 +34,7 @@ use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
 pub use ledger::{Committed, Ledger, Outcome, Refusal, Render, SharedState};
+pub use postgres::Pools;
 
 use crate::config::Config;
 use crate::domain::{CardNumber, Command, IdempotencyKey};
@@ -90,7 +92,14 @@ pub struct Engine {
     capacity: usize,
     state: Arc<EngineState>,
     committed: SharedState,
+    /// True on PostgreSQL: nothing is kept in `committed`, and every read asks the database.
+    database_decides: bool,
+    /// On PostgreSQL, where an account's credit terms are read from (the database's).
+    credit_lookup: Option<CreditLookup>,
 }
+
+/// Reads an account's credit terms from the database (PostgreSQL keeps none in memory).
+pub type CreditLookup = Arc<dyn Fn(&CardNumber) -> crate::store::Credit + Send + Sync>;
 
 /// The worker threads; join them after every [`Engine`] handle is dropped.
 pub struct Workers {
@@ -168,6 +177,8 @@ impl Engine {
                 capacity,
                 state,
                 committed,
+                database_decides: false,
+                credit_lookup: None,
             },
             Workers { handles },
         ))
@@ -206,12 +217,19 @@ impl Engine {
 
     /// A card account's overdraft limit and held amount (zero for most accounts).
     pub fn credit(&self, card: &CardNumber) -> crate::store::Credit {
+        if let Some(lookup) = &self.credit_lookup {
+            return lookup(card);
+        }
         self.committed.read().credit(card)
     }
 
     /// The idempotency records that may hold `key` on any of `scopes`, each with its scope (to
     /// be checked against the record's own name).
     pub fn key_candidates(&self, key: &IdempotencyKey, scopes: &[&str]) -> Vec<(String, i64)> {
+        if self.database_decides {
+            // No index in memory: the reader looks the key up by name in each scope.
+            return scopes.iter().map(|scope| ((*scope).to_owned(), 0)).collect();
+        }
         let committed = self.committed.read();
         scopes
             .iter()

@@ -221,7 +221,8 @@ fn prune<S: Store>(ledger: &Mutex<Ledger<S>>, retention: Duration) -> usize {
 }
 
 /// How many transactions a job asks for: its weight against [`BatchLimits::max`].
-fn weight(job: &Job) -> usize {
+/// How many transactions a job may make: a bulk request's items, one for anything else.
+pub(super) fn weight(job: &Job) -> usize {
     match &job.command {
         Command::BulkTransfer(bulk) => bulk.items.len(),
         _ => 1,

@@ -77,11 +77,14 @@ pub enum ErrorCode {
     BatchFailed,
     /// In a failed batch's results: this item was not the one refused, and did not take effect.
     LinkedItemFailed,
+    /// The database connection failed during the commit: the request may or may not have taken
+    /// effect; retry it with the same `Idempotency-Key` to find out.
+    OutcomeUnknown,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order: what `docs/openapi.json` must list (its test compares).
-    pub const ALL: [ErrorCode; 41] = [
+    pub const ALL: [ErrorCode; 42] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidBody,
         ErrorCode::MissingField,
@@ -123,6 +126,7 @@ impl ErrorCode {
         ErrorCode::LimitBelowUsage,
         ErrorCode::BatchFailed,
         ErrorCode::LinkedItemFailed,
+        ErrorCode::OutcomeUnknown,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -168,6 +172,7 @@ impl ErrorCode {
             ErrorCode::LimitBelowUsage => "limit_below_usage",
             ErrorCode::BatchFailed => "batch_failed",
             ErrorCode::LinkedItemFailed => "linked_item_failed",
+            ErrorCode::OutcomeUnknown => "outcome_unknown",
         }
     }
 
@@ -210,6 +215,7 @@ impl ErrorCode {
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::QueueFull
             | ErrorCode::StorageUnavailable
+            | ErrorCode::OutcomeUnknown
             | ErrorCode::ShuttingDown
             | ErrorCode::NotReady => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -223,6 +229,7 @@ impl ErrorCode {
             ErrorCode::QueueFull => OutcomeLabel::QueueFull,
             ErrorCode::Internal
             | ErrorCode::StorageUnavailable
+            | ErrorCode::OutcomeUnknown
             | ErrorCode::ShuttingDown
             | ErrorCode::NotReady => OutcomeLabel::Error,
             ErrorCode::InvalidJson
@@ -339,6 +346,14 @@ impl ApiError {
         Self::new(
             ErrorCode::StorageUnavailable,
             "the database could not be written or read; nothing was changed, try again later",
+        )
+    }
+
+    pub fn outcome_unknown() -> Self {
+        Self::new(
+            ErrorCode::OutcomeUnknown,
+            "the database connection failed while the request was committing; it may or may not have \
+             taken effect: retry it with the same Idempotency-Key",
         )
     }
 
@@ -558,6 +573,7 @@ pub fn outcome_result(command: &Command, outcome: &Outcome) -> Result<(StatusCod
         }
         (Outcome::Refused(refusal), _) => Err(refusal_error(command, refusal)),
         (Outcome::StorageFailed, _) => Err(ApiError::storage_unavailable()),
+        (Outcome::OutcomeUnknown, _) => Err(ApiError::outcome_unknown()),
         // A success of one kind for a command of another: a bug in the engine, never a silent 200.
         (
             Outcome::Posted { .. }
@@ -927,6 +943,7 @@ mod tests {
             ErrorCode::LimitBelowUsage => 38,
             ErrorCode::BatchFailed => 39,
             ErrorCode::LinkedItemFailed => 40,
+            ErrorCode::OutcomeUnknown => 41,
         }
     }
 

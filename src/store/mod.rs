@@ -26,6 +26,7 @@
 
 pub mod lock;
 pub mod memory;
+pub mod postgres;
 pub mod sqlite;
 
 use serde::Serialize;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses part of the harness
 
+pub mod postgres;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -56,11 +58,24 @@ impl Server {
         Self::start_with(db, "127.0.0.1:0", extra, "info")
     }
 
-    /// Starts `tallyd serve --listen LISTEN` with `RUST_LOG=log_filter`.
+    /// Starts `tallyd serve --listen LISTEN` with `RUST_LOG=log_filter`. With `TALLYD_TEST_DB`
+    /// set, the server runs on a PostgreSQL database of its own instead of the file `db` (the
+    /// same one each time it is given the same `db`, so restarts keep their ledger).
     pub fn start_with(db: &Path, listen: &str, extra: &[&str], log_filter: &str) -> Server {
+        let db = postgres::database_for(db).map_or_else(|| db.to_owned(), PathBuf::from);
+        Self::spawn(db, listen, extra, log_filter)
+    }
+
+    /// Starts the server on the SQLite file `db` whatever `TALLYD_TEST_DB` says (a test that
+    /// moves a SQLite ledger to PostgreSQL needs both).
+    pub fn start_on_sqlite(db: &Path, extra: &[&str]) -> Server {
+        Self::spawn(db.to_owned(), "127.0.0.1:0", extra, "info")
+    }
+
+    fn spawn(db: PathBuf, listen: &str, extra: &[&str], log_filter: &str) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .args(["serve", "--listen", listen, "--db"])
-            .arg(db)
+            .arg(&db)
             .args(extra)
             .env("RUST_LOG", log_filter)
             .stdin(Stdio::null())
@@ -73,7 +88,7 @@ impl Server {
         Server {
             child,
             addr,
-            db: db.to_owned(),
+            db,
             log,
             _dir: None,
         }
@@ -122,8 +137,12 @@ impl Server {
         }
     }
 
-    pub fn sqlite(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open(&self.db).expect("opening the database")
+    /// The server's database: the SQLite file, or its PostgreSQL database.
+    pub fn sqlite(&self) -> Db {
+        match self.db.to_str().filter(|db| db.starts_with("postgres://")) {
+            Some(url) => Db::Postgres(url.to_owned()),
+            None => Db::Sqlite(rusqlite::Connection::open(&self.db).expect("opening the database")),
+        }
     }
 
     pub async fn client(&self) -> Client {
@@ -552,38 +571,142 @@ pub fn test_seed(test: &str, var: &str) -> u64 {
     seed
 }
 
+/// A ledger database as the suites read it: SQLite's file, or the PostgreSQL database a server
+/// runs on (with `TALLYD_TEST_DB`). The helpers below read both; a test that reads SQLite's own
+/// tables through `Deref` says so by failing on PostgreSQL, loudly.
+pub enum Db {
+    Sqlite(rusqlite::Connection),
+    Postgres(String),
+}
+
+impl std::ops::Deref for Db {
+    type Target = rusqlite::Connection;
+
+    fn deref(&self) -> &rusqlite::Connection {
+        match self {
+            Db::Sqlite(conn) => conn,
+            Db::Postgres(url) => panic!("this test reads the SQLite file itself; it cannot run on {url}"),
+        }
+    }
+}
+
+impl std::ops::DerefMut for Db {
+    fn deref_mut(&mut self) -> &mut rusqlite::Connection {
+        match self {
+            Db::Sqlite(conn) => conn,
+            Db::Postgres(url) => panic!("this test reads the SQLite file itself; it cannot run on {url}"),
+        }
+    }
+}
+
+/// What the helpers need of a database: rows of (text, integer), in either dialect's common SQL.
+pub trait LedgerDb {
+    fn pairs(&self, sql: &str) -> Vec<(String, i64)>;
+    fn integer(&self, sql: &str) -> i64;
+    /// Rows of integers only.
+    fn integers(&self, sql: &str) -> Vec<Vec<i64>>;
+    /// A statement that changes rows (a test's own tampering).
+    fn change(&self, sql: &str);
+}
+
+impl LedgerDb for rusqlite::Connection {
+    fn pairs(&self, sql: &str) -> Vec<(String, i64)> {
+        self.prepare(sql)
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    fn integer(&self, sql: &str) -> i64 {
+        self.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    fn integers(&self, sql: &str) -> Vec<Vec<i64>> {
+        let mut statement = self.prepare(sql).unwrap();
+        let columns = statement.column_count();
+        statement
+            .query_map([], |r| (0..columns).map(|at| r.get(at)).collect())
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    fn change(&self, sql: &str) {
+        self.execute_batch(sql).unwrap();
+    }
+}
+
+impl LedgerDb for Db {
+    fn pairs(&self, sql: &str) -> Vec<(String, i64)> {
+        match self {
+            Db::Sqlite(conn) => conn.pairs(sql),
+            Db::Postgres(url) => postgres::query(url, sql)
+                .into_iter()
+                .map(|row| {
+                    let name = row[0].clone().unwrap_or_default();
+                    (name, row[1].as_deref().unwrap_or("0").parse().unwrap())
+                })
+                .collect(),
+        }
+    }
+
+    fn integer(&self, sql: &str) -> i64 {
+        match self {
+            Db::Sqlite(conn) => conn.integer(sql),
+            Db::Postgres(url) => postgres::query(url, sql)[0][0]
+                .as_deref()
+                .unwrap_or("0")
+                .parse()
+                .unwrap(),
+        }
+    }
+
+    fn integers(&self, sql: &str) -> Vec<Vec<i64>> {
+        match self {
+            Db::Sqlite(conn) => conn.integers(sql),
+            Db::Postgres(url) => postgres::query(url, sql)
+                .into_iter()
+                .map(|row| {
+                    row.iter()
+                        .map(|v| v.as_deref().unwrap_or("0").parse().unwrap())
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    fn change(&self, sql: &str) {
+        match self {
+            Db::Sqlite(conn) => conn.change(sql),
+            Db::Postgres(url) => postgres::execute(url, sql),
+        }
+    }
+}
+
 /// Every account's balance, `@world` included, recomputed from the database as its opening balance
 /// plus the sum of its legs (`entries`), independently of any balance the store keeps: one pass
 /// over the legs, whatever `entries` is (a table or a view).
-pub fn db_balances(db: &rusqlite::Connection) -> std::collections::BTreeMap<String, i64> {
-    db.prepare(
+pub fn db_balances(db: &impl LedgerDb) -> std::collections::BTreeMap<String, i64> {
+    db.pairs(
         "SELECT a.name, a.opening_balance + coalesce(s.total, 0) FROM ledger_accounts a \
          LEFT JOIN (SELECT account, SUM(amount) AS total FROM entries GROUP BY account) s \
          ON s.account = a.name",
     )
-    .unwrap()
-    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
+    .into_iter()
+    .collect()
 }
 
 /// The sum of every account's opening balance, and of every account's current balance, `@world`'s
 /// included: double entry keeps them equal.
-pub fn db_totals(db: &rusqlite::Connection) -> (i128, i128) {
-    let opening: i64 = db
-        .query_row(
-            "SELECT coalesce(sum(opening_balance), 0) FROM ledger_accounts",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+pub fn db_totals(db: &impl LedgerDb) -> (i128, i128) {
+    let opening = db.integer("SELECT coalesce(sum(opening_balance), 0) FROM ledger_accounts");
     let current: i128 = db_balances(db).values().map(|b| i128::from(*b)).sum();
     (i128::from(opening), current)
 }
 
 /// How many transactions the database holds.
-pub fn db_transactions(db: &rusqlite::Connection) -> i64 {
-    db.query_row("SELECT count(*) FROM transactions", [], |r| r.get(0))
-        .unwrap()
+pub fn db_transactions(db: &impl LedgerDb) -> i64 {
+    db.integer("SELECT count(*) FROM transactions")
 }

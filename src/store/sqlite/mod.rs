@@ -48,6 +48,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
 pub use reader::SqliteReader;
+pub use schema::VERSION as SCHEMA_VERSION;
 pub use verify::{verify, Check, CHECKS};
 
 use super::lock::WriterLock;

@@ -1,0 +1,386 @@
+//! What only the PostgreSQL backend promises, against a real server (`TALLYD_TEST_DB`, set by
+//! scripts/ci-postgres.sh; without it every test here is skipped): two instances starting together
+//! migrate once; two instances moving money on one database never create or lose any, and never
+//! let a balance below its floor (the row locks, in one order, are what guard this); one
+//! idempotency key sent to both instances at once is executed once and answered alike.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use common::postgres::{database_for, query};
+use common::{seeded_card, transfer_body, Rng, Server};
+
+/// The database the suites run on, or `None` (and the test is skipped).
+fn database(name: &str) -> Option<String> {
+    let url = database_for(Path::new(name));
+    if url.is_none() {
+        eprintln!("skipped: TALLYD_TEST_DB is not set");
+    }
+    url
+}
+
+/// The warnings and errors a server logged, for a failure's message.
+fn errors(server: &Server) -> String {
+    server
+        .log_text()
+        .lines()
+        .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn one(url: &str, sql: &str) -> String {
+    query(url, sql)[0][0].clone().unwrap_or_default()
+}
+
+/// Two servers on one database, started at the same moment.
+fn two_servers(url: &str, extra: &[&str]) -> (Server, Server) {
+    let path = Path::new(url);
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| Server::start_with(path, "127.0.0.1:0", extra, "info"));
+        let second = scope.spawn(|| Server::start_with(path, "127.0.0.1:0", extra, "info"));
+        (first.join().unwrap(), second.join().unwrap())
+    })
+}
+
+#[test]
+fn two_instances_starting_together_migrate_once_and_seed_once() {
+    let Some(url) = database("migrate-once") else {
+        return;
+    };
+    let (_a, _b) = two_servers(&url, &[]);
+    assert_eq!(one(&url, "SELECT count(*) FROM tallyd_migrations"), "1");
+    assert_eq!(
+        one(
+            &url,
+            "SELECT count(*) FROM ledger_accounts WHERE name = '1234567890'"
+        ),
+        "1"
+    );
+    assert_eq!(one(&url, "SELECT count(*) FROM ledger_accounts"), "100002");
+}
+
+/// Every account's balance is its opening balance plus its legs, the last leg says the balance,
+/// no card is below its floor, and money is conserved (the outside world balances the cards).
+fn assert_ledger_consistent(url: &str) {
+    let wrong = query(
+        url,
+        "SELECT a.name, a.balance, a.opening_balance + coalesce(sum(e.amount), 0) \
+         FROM ledger_accounts a LEFT JOIN entries e ON e.account = a.name \
+         GROUP BY a.name HAVING a.balance <> a.opening_balance + coalesce(sum(e.amount), 0) LIMIT 5",
+    );
+    assert!(
+        wrong.is_empty(),
+        "balances that are not their legs' sum: {wrong:?}"
+    );
+    let heads = query(
+        url,
+        "SELECT a.name FROM ledger_accounts a JOIN entries e ON e.account = a.name \
+         AND e.transaction_id = a.last_transaction_id WHERE e.balance_after <> a.balance LIMIT 5",
+    );
+    assert!(heads.is_empty(), "heads whose leg disagrees: {heads:?}");
+    let below = query(
+        url,
+        "SELECT a.name FROM ledger_accounts a LEFT JOIN account_credit c ON c.name = a.name \
+         WHERE a.name <> '@world' AND a.balance < -coalesce(c.overdraft_limit, 0) LIMIT 5",
+    );
+    assert!(below.is_empty(), "cards below their floor: {below:?}");
+    let total = one(
+        url,
+        "SELECT sum(balance) - sum(opening_balance) FROM ledger_accounts",
+    );
+    assert_eq!(total, "0", "money was created or lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_one_database_conserve_money_under_contention() {
+    let Some(url) = database("conservation-two-instances") else {
+        return;
+    };
+    let (a, b) = two_servers(&url, &["--workers", "3"]);
+    const CLIENTS: usize = 16;
+    const REQUESTS: usize = 150;
+    const CARDS: u32 = 6;
+    let cards: Arc<Vec<String>> = Arc::new((1..=CARDS).map(|n| seeded_card(n).0).collect());
+    let seed = common::test_seed("pg-conservation", "TALLYD_PG_SEED");
+    let mut tasks = Vec::new();
+    for client_index in 0..CLIENTS {
+        let addr = if client_index % 2 == 0 { a.addr } else { b.addr };
+        let cards = Arc::clone(&cards);
+        let mut rng = Rng((seed ^ client_index as u64) | 1);
+        tasks.push(tokio::spawn(async move {
+            let mut client = common::Client::connect(addr).await;
+            let mut committed = 0;
+            for _ in 0..REQUESTS {
+                let source = &cards[rng.below(CARDS as u64) as usize];
+                let destination = &cards[rng.below(CARDS as u64) as usize];
+                // Large amounts, so that many transfers are refused for want of funds.
+                let amount = 1 + rng.below(60_000) as i64;
+                let reply = match rng.below(3) {
+                    0 => client.transaction(source, -amount).await,
+                    1 => client.transaction(source, amount).await,
+                    _ if source != destination => {
+                        client
+                            .post_json("/transfers", &transfer_body(source, destination, amount))
+                            .await
+                    }
+                    _ => continue,
+                };
+                match reply.status.as_u16() {
+                    200 | 201 => committed += 1,
+                    422 | 409 => {}
+                    other => panic!("unexpected {other}: {}", reply.text),
+                }
+            }
+            committed
+        }));
+    }
+    let mut committed = 0;
+    for task in tasks {
+        committed += task.await.unwrap();
+    }
+    let transactions: i64 = one(&url, "SELECT count(*) FROM transactions").parse().unwrap();
+    assert_eq!(
+        transactions, committed,
+        "every acknowledged transaction, and no other, is stored"
+    );
+    assert_ledger_consistent(&url);
+    // Both instances answer every balance as the database has it.
+    let mut ca = a.client().await;
+    let mut cb = b.client().await;
+    for card in cards.iter() {
+        let stored = one(
+            &url,
+            &format!("SELECT balance FROM ledger_accounts WHERE name = '{card}'"),
+        );
+        assert_eq!(ca.balance(card).await.to_string(), stored);
+        assert_eq!(cb.balance(card).await.to_string(), stored);
+    }
+    eprintln!("two instances: {committed} transactions committed by {CLIENTS} clients");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_sent_to_two_instances_at_once_is_executed_once() {
+    let Some(url) = database("idempotency-two-instances") else {
+        return;
+    };
+    let (a, b) = two_servers(&url, &["--workers", "2"]);
+    let (card, _) = seeded_card(7);
+    const KEYS: usize = 40;
+    let mut ca = a.client().await;
+    let mut cb = b.client().await;
+    let mut ids = HashSet::new();
+    for n in 0..KEYS {
+        let key = format!("race-{n}");
+        let body = format!(r#"{{"card_number":"{card}","amount":-{}}}"#, 100 + n);
+        let (first, second) = tokio::join!(
+            ca.post_keyed("/transaction", &body, &key),
+            cb.post_keyed("/transaction", &body, &key)
+        );
+        assert_eq!(
+            first.status.as_u16(),
+            second.status.as_u16(),
+            "{} / {}\n{}\n{}",
+            first.text,
+            second.text,
+            errors(&a),
+            errors(&b)
+        );
+        assert_eq!(
+            first.body, second.body,
+            "a replay is the first answer, byte for byte"
+        );
+        assert!(
+            first.replayed() || second.replayed(),
+            "one of the two is a replay"
+        );
+        ids.insert(first.i64("id"));
+    }
+    assert_eq!(ids.len(), KEYS);
+    let stored = one(&url, "SELECT count(*) FROM transactions");
+    assert_eq!(stored, KEYS.to_string(), "each key moved money once");
+    assert_eq!(
+        one(&url, "SELECT count(*) FROM idempotency_keys"),
+        KEYS.to_string()
+    );
+    assert_ledger_consistent(&url);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_ledger_migrates_whole_with_its_ids_and_keys_and_serves_on() {
+    let Some(url) = database("migrate-from-sqlite") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("users.db");
+    let mut sqlite = Server::start_on_sqlite(&file, &[]);
+    let mut client = sqlite.client().await;
+    let (card, _) = seeded_card(3);
+    let body = format!(r#"{{"card_number":"{card}","amount":-250}}"#);
+    let first = client.post_keyed("/transaction", &body, "moved-key").await;
+    assert_eq!(first.status.as_u16(), 200, "{}", first.text);
+    let transfer = client
+        .post_json("/transfers", &transfer_body(&card, common::DEMO_CARD, 40))
+        .await;
+    assert_eq!(transfer.status.as_u16(), 200, "{}", transfer.text);
+    let hold = client
+        .post_json("/holds", &format!(r#"{{"card_number":"{card}","amount":15}}"#))
+        .await;
+    assert_eq!(hold.status.as_u16(), 200, "{}", hold.text);
+    drop(client);
+    sqlite.terminate();
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["migrate", "--from"])
+        .arg(&file)
+        .args(["--to", &url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(text.contains("all 11 checks hold"), "{text}");
+    assert_eq!(one(&url, "SELECT count(*) FROM transactions"), "2");
+    assert_ledger_consistent(&url);
+
+    // The copy serves on: the same key replays the same bytes, and new ids follow the old ones.
+    let server = Server::start_with(Path::new(&url), "127.0.0.1:0", &[], "info");
+    let mut client = server.client().await;
+    let replay = client.post_keyed("/transaction", &body, "moved-key").await;
+    assert!(replay.replayed(), "{}", replay.text);
+    assert_eq!(replay.body, first.body);
+    let next = client.transaction(&card, 5).await;
+    // (Not necessarily the very next: the replay's batch took a block too, and ids have gaps.)
+    assert!(next.i64("id") > transfer.i64("id"), "{}", next.text);
+    assert_eq!(client.account_balance(&card).await, next.i64("balance"));
+    let account = client.get(&format!("/accounts/{card}")).await.json();
+    assert_eq!(account["held"], 15);
+
+    // A second migrate into the same database is refused and changes nothing.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["migrate", "--from"])
+        .arg(&file)
+        .args(["--to", &url])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert_eq!(one(&url, "SELECT count(*) FROM transactions"), "3");
+}
+
+#[test]
+fn verify_on_postgresql_finds_a_balance_changed_behind_the_ledger() {
+    let Some(url) = database("verify-tampered") else {
+        return;
+    };
+    let server = Server::start_with(Path::new(&url), "127.0.0.1:0", &[], "info");
+    drop(server);
+    common::postgres::execute(
+        &url,
+        "UPDATE ledger_accounts SET balance = balance + 1 WHERE name = '1234567890'",
+    );
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["verify", "--db", &url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "{text}");
+    assert!(
+        text.contains("FAILED every account's current balance is its opening balance plus the sum of its legs (1 violations"),
+        "{text}"
+    );
+    assert!(!text.contains(":tallyd@"), "the password is not printed: {text}");
+}
+
+/// The guard against losing or doubling money when the database connection fails mid-batch: while
+/// keyed clients send transfers, every connection of the server to PostgreSQL is terminated again
+/// and again (some batches fail before COMMIT: 503 storage_unavailable; some during it: 503
+/// outcome_unknown). Each client retries its request with the same key until it gets an answer
+/// that is not a 503; in the end every key moved money exactly once and the books balance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_killed_under_keyed_load_lose_and_double_nothing() {
+    let Some(url) = database("connections-killed") else {
+        return;
+    };
+    let server = Server::start_with(Path::new(&url), "127.0.0.1:0", &["--workers", "2"], "info");
+    const CLIENTS: usize = 8;
+    const REQUESTS: usize = 40;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let (url, stop) = (url.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut kills = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(150));
+                common::postgres::execute(
+                    &url,
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                );
+                kills += 1;
+            }
+            kills
+        })
+    };
+    let mut tasks = Vec::new();
+    for client_index in 0..CLIENTS {
+        let addr = server.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut client = common::Client::connect(addr).await;
+            let (mut unknown, mut unavailable) = (0, 0);
+            for n in 0..REQUESTS {
+                let source = seeded_card(1 + (client_index as u32 * 2) % 10).0;
+                let destination = seeded_card(2 + (n as u32 * 3) % 9).0;
+                if source == destination {
+                    continue;
+                }
+                let key = format!("kill-{client_index}-{n}");
+                let body = transfer_body(&source, &destination, 1 + n as i64);
+                loop {
+                    let reply = client.post_keyed("/transfers", &body, &key).await;
+                    let code = serde_json::from_str::<serde_json::Value>(&reply.text)
+                        .ok()
+                        .and_then(|body| body["error"]["code"].as_str().map(str::to_owned));
+                    match (reply.status.as_u16(), code.as_deref()) {
+                        (503, Some("outcome_unknown")) => unknown += 1,
+                        (503, _) => unavailable += 1,
+                        (200, _) => break,
+                        (status, _) => panic!("unexpected {status}: {}", reply.text),
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+            (unknown, unavailable)
+        }));
+    }
+    let (mut unknown, mut unavailable) = (0, 0);
+    for task in tasks {
+        let (u, a) = task.await.unwrap();
+        unknown += u;
+        unavailable += a;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let kills = killer.join().unwrap();
+    let keys: i64 = one(&url, "SELECT count(DISTINCT idempotency_key) FROM transactions")
+        .parse()
+        .unwrap();
+    let transactions: i64 = one(&url, "SELECT count(*) FROM transactions").parse().unwrap();
+    assert_eq!(transactions, keys, "no key moved money twice");
+    let answered: i64 = one(&url, "SELECT count(*) FROM idempotency_keys")
+        .parse()
+        .unwrap();
+    assert_eq!(
+        answered, transactions,
+        "every key that moved money keeps its answer, and only those"
+    );
+    assert_ledger_consistent(&url);
+    eprintln!(
+        "connections killed {kills} times: {transactions} transfers, {unavailable} retries after 503 \
+         storage_unavailable, {unknown} after 503 outcome_unknown"
+    );
+}
