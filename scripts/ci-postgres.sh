@@ -6,7 +6,8 @@
 #    authentication (scripts/lib/postgres.sh). Nothing is assumed installed or running.
 # 2. Runs tests/postgres.rs (migrations under the advisory lock, two instances on one database
 #    conserving money, one idempotency key sent to two instances at once) and the shared suites
-#    with TALLYD_TEST_DB pointing at the cluster: the harness (tests/common) then starts every
+#    (server, idempotency, ledger, holds, bulk, hostile, crash, overload, retries: each test that
+#    reads SQLite's own files or locks says so and skips) with TALLYD_TEST_DB pointing at the cluster: the harness (tests/common) then starts every
 #    server on a fresh database of its own there instead of a SQLite file.
 # 3. Stops the cluster and removes it, also when a step failed.
 #
@@ -21,7 +22,7 @@ cd "$ROOT"
 # shellcheck source=lib/postgres.sh
 source "$ROOT/scripts/lib/postgres.sh"
 
-readonly DEFAULT_SUITES=(postgres server idempotency ledger holds)
+readonly DEFAULT_SUITES=(postgres server idempotency ledger holds bulk hostile crash overload retries)
 if [ "$#" -gt 0 ]; then
   SUITES=("$@")
 else

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::{
-    db_balances, db_totals, db_transactions, seeded_card, test_seed, transfer_body, Client, Reply, Rng,
-    Server,
+    db_balances, db_totals, db_transactions, seeded_card, test_seed, transfer_body, Client, LedgerDb, Reply,
+    Rng, Server,
 };
 use serde_json::Value;
 
@@ -300,7 +300,7 @@ async fn resending_a_keyed_bulk_request_after_sigkill_applies_every_item_exactly
             answered_before += 1;
         }
     }
-    let committed_before = db_transactions(&rusqlite::Connection::open(&db).unwrap());
+    let committed_before = db_transactions(&server.sqlite());
     assert!(answered_before >= 1 && committed_before >= i64::from(ITEMS));
 
     let server = Server::start_on(&db, &[]);
@@ -326,13 +326,7 @@ async fn resending_a_keyed_bulk_request_after_sigkill_applies_every_item_exactly
         i64::from(REQUESTS * ITEMS),
         "every item once"
     );
-    let keys: i64 = conn
-        .query_row(
-            "SELECT count(DISTINCT idempotency_key) FROM transactions",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let keys = conn.integer("SELECT count(DISTINCT idempotency_key) FROM transactions");
     assert_eq!(keys, i64::from(REQUESTS * ITEMS), "one transaction per key");
     let balances = db_balances(&conn);
     for n in 1..=CARDS {

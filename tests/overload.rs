@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{seeded_card, Client, Deadline, Server, DEMO_CARD};
+use common::{seeded_card, Client, Deadline, LedgerDb, Server, DEMO_CARD};
 use hyper::StatusCode;
 
 const CONNECTIONS: usize = 256;
@@ -193,12 +193,10 @@ async fn overload_is_refused_at_once_and_the_server_recovers_by_itself() {
     assert_eq!(stats["transactions"]["committed"], ok + 1);
     let db = server.sqlite();
     let rows: HashMap<i64, (String, i64)> = db
-        .prepare("SELECT id, card_number, amount FROM journal")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+        .texts("SELECT id, card_number, amount FROM journal")
+        .into_iter()
+        .map(|row| (row[0].parse().unwrap(), (row[1].clone(), row[2].parse().unwrap())))
+        .collect();
     assert_eq!(
         rows.len() as u64,
         ok + 1,

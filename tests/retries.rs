@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{
-    db_balances, db_totals, db_transactions, seeded_card, test_seed, transfer_body, Client, Deadline, Rng,
-    Server,
+    db_balances, db_totals, db_transactions, seeded_card, test_seed, transfer_body, Client, Deadline,
+    LedgerDb, Rng, Server,
 };
 
 const CYCLES_DEFAULT: u64 = 10;
@@ -272,17 +272,10 @@ async fn keyed_retries_across_ten_sigkills_take_effect_exactly_once() {
 fn check_exactly_once(server: &Server, cards: &[(String, i64)], states: &[ClientState]) {
     let db = server.sqlite();
     let by_key: BTreeMap<String, (i64, i64)> = db
-        .prepare("SELECT idempotency_key, count(*), min(id) FROM transactions GROUP BY idempotency_key")
-        .unwrap()
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, Option<String>>(0)?.unwrap_or_default(),
-                (r.get(1)?, r.get(2)?),
-            ))
-        })
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+        .texts("SELECT idempotency_key, count(*), min(id) FROM transactions GROUP BY idempotency_key")
+        .into_iter()
+        .map(|row| (row[0].clone(), (row[1].parse().unwrap(), row[2].parse().unwrap())))
+        .collect();
     let mut expected: BTreeMap<String, i64> = cards.iter().cloned().collect();
     let mut intended = 0;
     for state in states {

@@ -607,6 +607,8 @@ pub trait LedgerDb {
     fn integers(&self, sql: &str) -> Vec<Vec<i64>>;
     /// A statement that changes rows (a test's own tampering).
     fn change(&self, sql: &str);
+    /// Rows of any columns, each as text (NULL as the empty string), for the reader to parse.
+    fn texts(&self, sql: &str) -> Vec<Vec<String>>;
 }
 
 impl LedgerDb for rusqlite::Connection {
@@ -635,6 +637,30 @@ impl LedgerDb for rusqlite::Connection {
 
     fn change(&self, sql: &str) {
         self.execute_batch(sql).unwrap();
+    }
+
+    fn texts(&self, sql: &str) -> Vec<Vec<String>> {
+        use rusqlite::types::ValueRef;
+        let mut statement = self.prepare(sql).unwrap();
+        let columns = statement.column_count();
+        statement
+            .query_map([], |r| {
+                (0..columns)
+                    .map(|at| {
+                        Ok(match r.get_ref(at)? {
+                            ValueRef::Null => String::new(),
+                            ValueRef::Integer(value) => value.to_string(),
+                            ValueRef::Real(value) => value.to_string(),
+                            ValueRef::Text(text) | ValueRef::Blob(text) => {
+                                String::from_utf8_lossy(text).into_owned()
+                            }
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
     }
 }
 
@@ -681,6 +707,16 @@ impl LedgerDb for Db {
         match self {
             Db::Sqlite(conn) => conn.change(sql),
             Db::Postgres(url) => postgres::execute(url, sql),
+        }
+    }
+
+    fn texts(&self, sql: &str) -> Vec<Vec<String>> {
+        match self {
+            Db::Sqlite(conn) => conn.texts(sql),
+            Db::Postgres(url) => postgres::query(url, sql)
+                .into_iter()
+                .map(|row| row.into_iter().map(Option::unwrap_or_default).collect())
+                .collect(),
         }
     }
 }
