@@ -384,3 +384,165 @@ async fn connections_killed_under_keyed_load_lose_and_double_nothing() {
          storage_unavailable, {unknown} after 503 outcome_unknown"
     );
 }
+
+/// The HTTP tier scales out and survives losing a member: three instances on one database, 48
+/// clients spread over them sending keyed transfers and deposits, and one instance SIGKILLed in
+/// the middle. A client whose instance is gone (or that gets a 503) sends the same request with
+/// the same key to the next instance, until it is answered. In the end every key moved money
+/// exactly once, under the id its client was answered, every balance is its opening balance plus
+/// the intended movements, and `tallyd verify` passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_one_killed_under_keyed_load_execute_every_key_once() {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let Some(url) = database("three-instances") else {
+        return;
+    };
+    const INSTANCES: usize = 3;
+    const CLIENTS: usize = 48;
+    const REQUESTS: usize = 40;
+    const CARDS: u32 = 12;
+    // Small amounts against seeded openings: no request is refused for want of funds, so every
+    // intended movement must happen exactly once.
+    const AMOUNT_MAX: u64 = 20;
+    let path = Path::new(&url);
+    let mut servers: Vec<Server> = std::thread::scope(|scope| {
+        let starting: Vec<_> = (0..INSTANCES)
+            .map(|_| scope.spawn(|| Server::start_with(path, "127.0.0.1:0", &["--workers", "2"], "info")))
+            .collect();
+        starting
+            .into_iter()
+            .map(|server| server.join().unwrap())
+            .collect()
+    });
+    let addrs: Arc<Vec<std::net::SocketAddr>> = Arc::new(servers.iter().map(|server| server.addr).collect());
+    let cards: Vec<(String, i64)> = (1..=CARDS).map(seeded_card).collect();
+    let seed = common::test_seed("pg-three-instances", "TALLYD_PG_SEED");
+    let acks = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for client_index in 0..CLIENTS {
+        let mut rng = Rng((seed ^ (client_index as u64).wrapping_mul(0x9e37_79b9)) | 1);
+        let names: Vec<String> = cards.iter().map(|(card, _)| card.clone()).collect();
+        let (addrs, acks) = (Arc::clone(&addrs), Arc::clone(&acks));
+        tasks.push(tokio::spawn(async move {
+            let mut at = client_index % INSTANCES;
+            let mut client = None;
+            let mut moved: Vec<(String, i64, Vec<(String, i64)>)> = Vec::new();
+            let (mut switches, mut unavailable) = (0_u64, 0_u64);
+            for n in 0..REQUESTS {
+                let key = format!("three-{client_index}-{n}");
+                let amount = 1 + rng.below(AMOUNT_MAX) as i64;
+                let source = names[rng.below(u64::from(CARDS)) as usize].clone();
+                let (path, body, legs) = if rng.below(4) == 0 {
+                    let body = format!(r#"{{"card_number":"{source}","amount":{amount}}}"#);
+                    (
+                        "/transaction",
+                        body,
+                        vec![("@world".to_owned(), -amount), (source, amount)],
+                    )
+                } else {
+                    let mut destination = names[rng.below(u64::from(CARDS)) as usize].clone();
+                    while destination == source {
+                        destination = names[rng.below(u64::from(CARDS)) as usize].clone();
+                    }
+                    let body = transfer_body(&source, &destination, amount);
+                    ("/transfers", body, vec![(source, -amount), (destination, amount)])
+                };
+                let deadline = common::Deadline::new(std::time::Duration::from_secs(120), "an answer");
+                let id = loop {
+                    if client.is_none() {
+                        client = common::Client::try_connect(addrs[at]).await.ok();
+                    }
+                    let reply = match client.as_mut() {
+                        Some(connected) => {
+                            let request = connected.post_request(path, &body, &[("idempotency-key", &key)]);
+                            connected.try_request(request).await.ok()
+                        }
+                        None => None,
+                    };
+                    match reply {
+                        Some(reply) if reply.status == 200 => break reply.i64("id"),
+                        Some(reply) if reply.status == 503 => unavailable += 1,
+                        Some(reply) => panic!("{key}: {} {}", reply.status, reply.text),
+                        // The instance is gone: the same request, same key, to the next one.
+                        None => {
+                            client = None;
+                            at = (at + 1) % INSTANCES;
+                            switches += 1;
+                        }
+                    }
+                    deadline.tick().await;
+                };
+                acks.fetch_add(1, Ordering::Relaxed);
+                moved.push((key, id, legs));
+            }
+            (moved, switches, unavailable)
+        }));
+    }
+    // Kill the first instance once a third of the work is acknowledged.
+    let deadline = common::Deadline::new(
+        std::time::Duration::from_secs(120),
+        "acknowledgements before the kill",
+    );
+    while acks.load(Ordering::Relaxed) < (CLIENTS * REQUESTS / 3) as u64 {
+        deadline.tick().await;
+    }
+    servers[0].kill();
+    let killed_at = acks.load(Ordering::Relaxed);
+    let mut answered: BTreeMap<String, i64> = BTreeMap::new();
+    let mut expected: BTreeMap<String, i64> = cards.iter().cloned().collect();
+    let (mut switches, mut unavailable) = (0, 0);
+    for task in tasks {
+        let (moved, client_switches, client_unavailable) = task.await.unwrap();
+        switches += client_switches;
+        unavailable += client_unavailable;
+        for (key, id, legs) in moved {
+            answered.insert(key, id);
+            for (account, amount) in legs {
+                if account != "@world" {
+                    *expected.entry(account).or_default() += amount;
+                }
+            }
+        }
+    }
+    assert!(switches > 0, "no client lost its instance");
+    let stored: BTreeMap<String, (i64, i64)> = query(
+        &url,
+        "SELECT idempotency_key, count(*), min(id) FROM transactions GROUP BY idempotency_key",
+    )
+    .into_iter()
+    .map(|row| {
+        let number = |at: usize| row[at].as_deref().unwrap().parse::<i64>().unwrap();
+        (row[0].clone().unwrap_or_default(), (number(1), number(2)))
+    })
+    .collect();
+    assert_eq!(
+        stored.len(),
+        answered.len(),
+        "a transaction for every key, and no other"
+    );
+    for (key, id) in &answered {
+        assert_eq!(
+            stored.get(key),
+            Some(&(1, *id)),
+            "{key}: once, under the id answered"
+        );
+    }
+    for (card, balance) in &expected {
+        assert_eq!(
+            one(
+                &url,
+                &format!("SELECT balance FROM ledger_accounts WHERE name = '{card}'")
+            ),
+            balance.to_string(),
+            "{card} (seed {seed})"
+        );
+    }
+    assert_ledger_consistent(&url);
+    common::verify(path);
+    eprintln!(
+        "three instances: {} keyed requests from {CLIENTS} clients, instance 0 killed after {killed_at}; \
+         {switches} moves to another instance, {unavailable} answers 503; each key executed once",
+        answered.len()
+    );
+}
