@@ -7,8 +7,10 @@
 # 2. Runs tests/postgres.rs (migrations under the advisory lock, two instances on one database
 #    conserving money, one idempotency key sent to two instances at once) and the shared suites
 #    (server, idempotency, ledger, holds, bulk, hostile, crash, overload, retries: each test that
-#    reads SQLite's own files or locks says so and skips) with TALLYD_TEST_DB pointing at the cluster: the harness (tests/common) then starts every
-#    server on a fresh database of its own there instead of a SQLite file.
+#    reads SQLite's own files or locks says so and skips), then tests/postgres_restart.rs (PostgreSQL
+#    stopped -m immediate under load and started again), with TALLYD_TEST_DB pointing at the
+#    cluster: the harness (tests/common) then starts every server on a fresh database of its own
+#    there instead of a SQLite file.
 # 3. Stops the cluster and removes it, also when a step failed.
 #
 # Usage: bash scripts/ci-postgres.sh [SUITE...]   (default: the suites below)
@@ -22,7 +24,7 @@ cd "$ROOT"
 # shellcheck source=lib/postgres.sh
 source "$ROOT/scripts/lib/postgres.sh"
 
-readonly DEFAULT_SUITES=(postgres server idempotency ledger holds bulk hostile crash overload retries)
+readonly DEFAULT_SUITES=(postgres server idempotency ledger holds bulk hostile crash overload retries postgres_restart)
 if [ "$#" -gt 0 ]; then
   SUITES=("$@")
 else

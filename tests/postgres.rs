@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use common::postgres::{database_for, query};
+use common::postgres::{assert_ledger_consistent, database_for, query};
 use common::{seeded_card, transfer_body, Rng, Server};
 
 /// The database the suites run on, or `None` (and the test is skipped).
@@ -61,38 +61,6 @@ fn two_instances_starting_together_migrate_once_and_seed_once() {
         "1"
     );
     assert_eq!(one(&url, "SELECT count(*) FROM ledger_accounts"), "100002");
-}
-
-/// Every account's balance is its opening balance plus its legs, the last leg says the balance,
-/// no card is below its floor, and money is conserved (the outside world balances the cards).
-fn assert_ledger_consistent(url: &str) {
-    let wrong = query(
-        url,
-        "SELECT a.name, a.balance, a.opening_balance + coalesce(sum(e.amount), 0) \
-         FROM ledger_accounts a LEFT JOIN entries e ON e.account = a.name \
-         GROUP BY a.name HAVING a.balance <> a.opening_balance + coalesce(sum(e.amount), 0) LIMIT 5",
-    );
-    assert!(
-        wrong.is_empty(),
-        "balances that are not their legs' sum: {wrong:?}"
-    );
-    let heads = query(
-        url,
-        "SELECT a.name FROM ledger_accounts a JOIN entries e ON e.account = a.name \
-         AND e.transaction_id = a.last_transaction_id WHERE e.balance_after <> a.balance LIMIT 5",
-    );
-    assert!(heads.is_empty(), "heads whose leg disagrees: {heads:?}");
-    let below = query(
-        url,
-        "SELECT a.name FROM ledger_accounts a LEFT JOIN account_credit c ON c.name = a.name \
-         WHERE a.name <> '@world' AND a.balance < -coalesce(c.overdraft_limit, 0) LIMIT 5",
-    );
-    assert!(below.is_empty(), "cards below their floor: {below:?}");
-    let total = one(
-        url,
-        "SELECT sum(balance) - sum(opening_balance) FROM ledger_accounts",
-    );
-    assert_eq!(total, "0", "money was created or lost");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -385,6 +353,9 @@ async fn connections_killed_under_keyed_load_lose_and_double_nothing() {
     );
 }
 
+/// A keyed request answered: its key, the id it was answered, and the legs it moved.
+type Moved = (String, i64, Vec<(String, i64)>);
+
 /// The HTTP tier scales out and survives losing a member: three instances on one database, 48
 /// clients spread over them sending keyed transfers and deposits, and one instance SIGKILLed in
 /// the middle. A client whose instance is gone (or that gets a 503) sends the same request with
@@ -427,7 +398,8 @@ async fn three_instances_one_killed_under_keyed_load_execute_every_key_once() {
         tasks.push(tokio::spawn(async move {
             let mut at = client_index % INSTANCES;
             let mut client = None;
-            let mut moved: Vec<(String, i64, Vec<(String, i64)>)> = Vec::new();
+            // (key, id answered, legs moved)
+            let mut moved: Vec<Moved> = Vec::new();
             let (mut switches, mut unavailable) = (0_u64, 0_u64);
             for n in 0..REQUESTS {
                 let key = format!("three-{client_index}-{n}");

@@ -116,3 +116,110 @@ pub fn query(url: &str, sql: &str) -> Vec<Vec<Option<String>>> {
     .join()
     .expect("the query ran")
 }
+
+/// Every account's balance is its opening balance plus its legs, the last leg says the balance,
+/// no card is below its floor, and money is conserved (the outside world balances the cards).
+pub fn assert_ledger_consistent(url: &str) {
+    let wrong = query(
+        url,
+        "SELECT a.name, a.balance, a.opening_balance + coalesce(sum(e.amount), 0) \
+         FROM ledger_accounts a LEFT JOIN entries e ON e.account = a.name \
+         GROUP BY a.name HAVING a.balance <> a.opening_balance + coalesce(sum(e.amount), 0) LIMIT 5",
+    );
+    assert!(
+        wrong.is_empty(),
+        "balances that are not their legs' sum: {wrong:?}"
+    );
+    let heads = query(
+        url,
+        "SELECT a.name FROM ledger_accounts a JOIN entries e ON e.account = a.name \
+         AND e.transaction_id = a.last_transaction_id WHERE e.balance_after <> a.balance LIMIT 5",
+    );
+    assert!(heads.is_empty(), "heads whose leg disagrees: {heads:?}");
+    let below = query(
+        url,
+        "SELECT a.name FROM ledger_accounts a LEFT JOIN account_credit c ON c.name = a.name \
+         WHERE a.name <> '@world' AND a.balance < -coalesce(c.overdraft_limit, 0) LIMIT 5",
+    );
+    assert!(below.is_empty(), "cards below their floor: {below:?}");
+    let total = query(
+        url,
+        "SELECT sum(balance) - sum(opening_balance) FROM ledger_accounts",
+    )[0][0]
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(total, "0", "money was created or lost");
+}
+
+/// The throwaway cluster of scripts/lib/postgres.sh (which exports `PG_BIN`, `PG_WORK` and
+/// `PG_PORT`), for a test that stops PostgreSQL under load and starts it again.
+pub struct Cluster {
+    bin: PathBuf,
+    work: PathBuf,
+    port: String,
+}
+
+impl Cluster {
+    pub fn from_env() -> Option<Cluster> {
+        let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+        Some(Cluster {
+            bin: PathBuf::from(var("PG_BIN")?),
+            work: PathBuf::from(var("PG_WORK")?),
+            port: var("PG_PORT")?,
+        })
+    }
+
+    /// `pg_ctl stop -m immediate`: the server processes are killed, as in a crash; the next start
+    /// recovers from the WAL.
+    pub fn stop_immediately(&self) {
+        self.pg_ctl(&["stop", "-m", "immediate", "-w"]);
+    }
+
+    /// Starts the cluster again, as scripts/lib/postgres.sh first started it.
+    pub fn start(&self) {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c max_connections=200",
+            self.port,
+            self.work.display()
+        );
+        let log = self.work.join("server.log");
+        self.pg_ctl(&[
+            "start",
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            log.to_str().unwrap(),
+            "-o",
+            &options,
+        ]);
+    }
+
+    /// Runs pg_ctl on the cluster as the postgres user (it refuses to run as root).
+    fn pg_ctl(&self, args: &[&str]) {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let data = self.work.join("data");
+        let mut command = if is_root() {
+            let mut command = std::process::Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(&pg_ctl);
+            command
+        } else {
+            std::process::Command::new(&pg_ctl)
+        };
+        let status = command
+            .arg("-D")
+            .arg(&data)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("running pg_ctl");
+        assert!(status.success(), "pg_ctl {args:?} failed");
+    }
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|output| output.stdout.trim_ascii() == b"0")
+}
