@@ -1,23 +1,36 @@
 #!/usr/bin/env bash
-# bench/postgres.sh: tallyd on PostgreSQL, measured beside tallyd on SQLite in the same session.
+# bench/postgres.sh: tallyd on PostgreSQL, measured beside its baselines in one run (issue 14).
 #
 # Makes a throwaway PostgreSQL 15 cluster (scripts/lib/postgres.sh; fsync and synchronous_commit on,
 # as in production), then for each target starts tallyd on a fresh database and drives it with wrk
-# (bench/transaction.lua or bench/transfers.lua) for DURATION at CONNS connections, and checks
-# afterwards that the database holds at least as many transactions as were answered 200.
-# Targets: sqlite (the reference: one writer, balances in memory), pg-wN (PostgreSQL, --workers N
-# batches in flight), pg-2x2 (two instances of --workers 2 on one database, half the connections each).
-# Results go to bench/RESULTS-postgres.md (or $RESULTS) with the date and the machine.
+# (bench/transfers.lua, POST /transfers between 100,000 seeded cards) for DURATION at CONNS
+# connections, and checks afterwards that the database holds at least as many transactions as were
+# answered 200. Targets, in this order:
+#   pgbench      PostgreSQL's own TPC-B-like benchmark on the same cluster (the database's ceiling here)
+#   sqlite       tallyd on SQLite (one writer, balances in memory)
+#   pg-naive     one PostgreSQL transaction per request (--batch-max 1), NAIVE_WORKERS in flight
+#   pg-wN        tallyd on PostgreSQL, --workers N batches in flight (WORKERS)
+#   pg-2i, pg-3i two and three instances of --workers MULTI_WORKERS on one database, the connections
+#                split between them
+#   pg-hot       pg-w$HOT_WORKERS with every transfer paying one card (bench/transfers.lua hot)
+# Beside each PostgreSQL row: tallyd's peak RSS, PostgreSQL's memory (the sum of its processes'
+# proportional set sizes at the end of the run) and CPU seconds during the run, and transfers per
+# PostgreSQL CPU second. Results go to bench/RESULTS-postgres.md (or $RESULTS).
 #
-# Options (environment): DURATION=10s CONNS=64 WORKERS="1 2 4 8" SKIP_BUILD=1 RESULTS=path
+# Options (environment): DURATION=8s CONNS=256 WORKERS="1 2 4" MULTI_WORKERS=2 HOT_WORKERS=4
+#   NAIVE_WORKERS=8 PGBENCH_CLIENTS=64 SKIP_BUILD=1 RESULTS=path
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 # shellcheck source=../scripts/lib/postgres.sh
 source "$ROOT/scripts/lib/postgres.sh"
-DURATION="${DURATION:-10s}"
-CONNS="${CONNS:-64}"
-WORKERS="${WORKERS:-1 2 4 8}"
+DURATION="${DURATION:-8s}"
+CONNS="${CONNS:-256}"
+WORKERS="${WORKERS:-1 2 4}"
+MULTI_WORKERS="${MULTI_WORKERS:-2}"
+HOT_WORKERS="${HOT_WORKERS:-4}"
+NAIVE_WORKERS="${NAIVE_WORKERS:-8}"
+PGBENCH_CLIENTS="${PGBENCH_CLIENTS:-64}"
 RESULTS="${RESULTS:-$ROOT/bench/RESULTS-postgres.md}"
 BIN="$ROOT/target/release/tallyd"
 WORK="$(mktemp -d -t tallyd-pgbench.XXXXXX)"
@@ -66,71 +79,148 @@ fresh_pg() {
   echo "${PG_URL%/*}/$name"
 }
 
-# wrk against PORT with SCRIPT at CONNS connections; prints "requests/s ok200 p50_us p99_us".
+# wrk against PORT at CONNS connections with bench/transfers.lua and its ARGS; prints
+# "rate ok200 p50_us p99_us requests".
 drive() {
-  local port="$1" script="$2" conns="$3"
+  local port="$1" conns="$2"
+  shift 2
   local line
-  line="$(wrk -t2 -c"$conns" -d"$DURATION" -s "bench/$script" "http://127.0.0.1:$port" 2>/dev/null | grep '^BENCH')"
-  local requests duration ok p50 p99
-  requests="$(sed 's/.* requests=\([0-9]*\).*/\1/' <<<"$line")"
-  duration="$(sed 's/.* duration_us=\([0-9]*\).*/\1/' <<<"$line")"
-  ok="$(sed 's/.* ok200=\([0-9]*\).*/\1/' <<<"$line")"
-  p50="$(sed 's/.* p50_us=\([0-9]*\).*/\1/' <<<"$line")"
-  p99="$(sed 's/.* p99_us=\([0-9]*\).*/\1/' <<<"$line")"
-  echo "$((ok * 1000000 / duration)) $ok $p50 $p99 $requests"
+  line="$(wrk -t2 -c"$conns" -d"$DURATION" -s bench/transfers.lua "http://127.0.0.1:$port" -- "$@" 2>/dev/null | grep '^BENCH')"
+  local field
+  field() { sed "s/.* $1=\([0-9]*\).*/\1/" <<<"$line"; }
+  local ok duration
+  ok="$(field ok200)"
+  duration="$(field duration_us)"
+  echo "$((ok * 1000000 / duration)) $ok $(field p50_us) $(field p99_us) $(field requests)"
 }
 
 pg_count() { "$PG_BIN/psql" "$1" -qAtc "SELECT count(*) FROM transactions"; }
 
+# CPU seconds (user + system, in clock ticks) used so far by the cluster's processes.
+pg_ticks() {
+  local total=0 pid
+  for pid in $(pgrep -u postgres postgres); do
+    read -r -a stat <"/proc/$pid/stat" 2>/dev/null || continue
+    total=$((total + stat[13] + stat[14]))
+  done
+  echo "$total"
+}
+
+# The cluster's memory now: the sum of its processes' proportional set sizes (shared buffers
+# counted once between them), in MiB.
+pg_pss_mib() {
+  local total=0 pid kb
+  for pid in $(pgrep -u postgres postgres); do
+    kb="$(awk '/^Pss:/ { print $2 }' "/proc/$pid/smaps_rollup" 2>/dev/null || echo 0)"
+    total=$((total + ${kb:-0}))
+  done
+  echo "$((total / 1024))"
+}
+
+# The largest peak RSS of the tallyd processes running now, in MiB.
+tallyd_hwm_mib() {
+  local most=0 pid kb
+  while read -r pid; do
+    kb="$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)"
+    [ "${kb:-0}" -gt "$most" ] && most="$kb"
+  done <"$WORK/pids"
+  echo "$((most / 1024))"
+}
+
 ROWS=()
-record() { # target route result stored
-  local target="$1" route="$2" result="$3" stored="$4"
+# record TARGET RESULT STORED [TALLYD_MIB PG_MIB PG_CPU_S]
+record() {
+  local target="$1" result="$2" stored="$3" tallyd_mib="${4:--}" pg_mib="${5:--}" pg_cpu="${6:--}"
   read -r rate ok p50 p99 requests <<<"$result"
-  local verdict="ok"
-  [ "$stored" -ge "$ok" ] || verdict="LOST $((ok - stored))"
-  ROWS+=("| $target | $route | $rate | $((p50 / 1000)).$(((p50 % 1000) / 100)) | $((p99 / 1000)).$(((p99 % 1000) / 100)) | $ok of $requests | $stored ($verdict) |")
+  local verdict="ok" per_cpu="-"
+  [ "$stored" = "-" ] || [ "$stored" -ge "$ok" ] || verdict="LOST $((ok - stored))"
+  if [ "$pg_cpu" != "-" ]; then
+    per_cpu="$(python3 -c "import sys; print(round(int(sys.argv[1]) / max(float(sys.argv[2]), 0.01)))" "$ok" "$pg_cpu")"
+  fi
+  local ms
+  ms() { echo "$(($1 / 1000)).$((($1 % 1000) / 100))"; }
+  ROWS+=("| $target | $rate | $(ms "$p50") | $(ms "$p99") | $ok of $requests | $stored ($verdict) | $tallyd_mib | $pg_mib | $pg_cpu | $per_cpu |")
   echo "${ROWS[-1]}"
 }
 
-for route in transaction.lua transfers.lua; do
-  db="$WORK/sqlite-$route.db"
-  port="$(start "$db")"
-  result="$(drive "$port" "$route" "$CONNS")"
-  stop_all
-  record sqlite "$route" "$result" "$(sqlite3 "$db" 'SELECT count(*) FROM transactions' 2>/dev/null || python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('SELECT count(*) FROM transactions').fetchone()[0])" "$db")"
-  rm -f "$db"*
-  for workers in $WORKERS; do
-    url="$(fresh_pg "w$workers")"
-    port="$(start "$url" --workers "$workers")"
-    result="$(drive "$port" "$route" "$CONNS")"
-    stop_all
-    record "pg-w$workers" "$route" "$result" "$(pg_count "$url")"
+# pg_target NAME INSTANCES "TALLYD FLAGS" [WRK ARGS...]: INSTANCES tallyds on one fresh database,
+# CONNS connections split between them, and the row.
+pg_target() {
+  local name="$1" instances="$2" flags="$3"
+  shift 3
+  local url ports=() i
+  url="$(fresh_pg "${name//-/_}")"
+  for ((i = 0; i < instances; i++)); do
+    # shellcheck disable=SC2086
+    ports+=("$(start "$url" $flags)")
   done
-  url="$(fresh_pg two)"
-  first="$(start "$url" --workers 2)"
-  second="$(start "$url" --workers 2)"
-  half=$((CONNS / 2))
-  drive "$first" "$route" "$half" >"$WORK/first" &
-  driver=$!
-  drive "$second" "$route" "$half" >"$WORK/second"
-  wait "$driver"
+  local before after conns=$((CONNS / instances))
+  before="$(pg_ticks)"
+  for ((i = 0; i < instances; i++)); do
+    drive "${ports[$i]}" "$conns" "$@" >"$WORK/drive-$i" &
+  done
+  wait
+  after="$(pg_ticks)"
+  local pg_mib tallyd_mib
+  pg_mib="$(pg_pss_mib)"
+  tallyd_mib="$(tallyd_hwm_mib)"
   stop_all
-  read -r r1 o1 p50a p99a q1 <"$WORK/first"
-  read -r r2 o2 p50b p99b q2 <"$WORK/second"
-  record "pg-2x2" "$route" "$((r1 + r2)) $((o1 + o2)) $(((p50a + p50b) / 2)) $((p99a > p99b ? p99a : p99b)) $((q1 + q2))" "$(pg_count "$url")"
+  local rate=0 ok=0 p50=0 p99=0 requests=0 r o a b q
+  for ((i = 0; i < instances; i++)); do
+    read -r r o a b q <"$WORK/drive-$i"
+    rate=$((rate + r)) ok=$((ok + o)) requests=$((requests + q)) p50=$((p50 > a ? p50 : a)) p99=$((p99 > b ? p99 : b))
+  done
+  local cpu
+  cpu="$(python3 -c "import os, sys; print(round((int(sys.argv[2]) - int(sys.argv[1])) / os.sysconf('SC_CLK_TCK'), 1))" "$before" "$after")"
+  record "$name" "$rate $ok $p50 $p99 $requests" "$(pg_count "$url")" "$tallyd_mib" "$pg_mib" "$cpu"
+}
+
+# 1. PostgreSQL's own TPC-B-like benchmark, scale 10, prepared statements.
+pgbench_db="bench_pgbench_$RANDOM"
+pg_psql -c "CREATE DATABASE $pgbench_db" >/dev/null
+pg_as_postgres "$PG_BIN/pgbench" -h "$PG_WORK" -p "$PG_PORT" -U "$PG_USER_NAME" -i -q -s 10 "$pgbench_db" >/dev/null 2>&1
+PGBENCH_LINE="$(pg_as_postgres "$PG_BIN/pgbench" -h "$PG_WORK" -p "$PG_PORT" -U "$PG_USER_NAME" -M prepared \
+  -c "$PGBENCH_CLIENTS" -j 2 -T "${DURATION%s}" "$pgbench_db" 2>/dev/null | grep -E '^tps' | head -1)"
+PGBENCH_TPS="$(sed 's/^tps = \([0-9]*\).*/\1/' <<<"$PGBENCH_LINE")"
+echo "pgbench: $PGBENCH_LINE"
+
+# 2. SQLite, the reference.
+db="$WORK/sqlite.db"
+port="$(start "$db")"
+result="$(drive "$port" "$CONNS")"
+sqlite_mib="$(tallyd_hwm_mib)"
+stop_all
+record sqlite "$result" "$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('SELECT count(*) FROM transactions').fetchone()[0])" "$db")" "$sqlite_mib"
+rm -f "$db"*
+
+# 3. PostgreSQL.
+pg_target pg-naive 1 "--workers $NAIVE_WORKERS --batch-max 1"
+for workers in $WORKERS; do
+  pg_target "pg-w$workers" 1 "--workers $workers"
 done
+pg_target pg-2i 2 "--workers $MULTI_WORKERS"
+pg_target pg-3i 3 "--workers $MULTI_WORKERS"
+pg_target pg-hot 1 "--workers $HOT_WORKERS" 100000 hot
 
 {
-  echo "# tallyd on PostgreSQL beside SQLite"
+  echo "# tallyd on PostgreSQL beside its baselines"
   echo
-  echo "Measured $(date -u +%F) with \`bash bench/postgres.sh\` (DURATION=$DURATION, CONNS=$CONNS, wrk -t2) on $(nproc) cores,"
-  echo "$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'); PostgreSQL $("$PG_BIN/postgres" --version | sed 's/.* //') on the same machine"
-  echo "(a throwaway cluster, fsync on), so wrk, tallyd and PostgreSQL share the 2 cores. One run each."
-  echo "Load average when the runs ended: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine shows here)."
-  echo "Rate: durable 200s per second; p50/p99 in ms; stored: transactions in the database after the run."
+  echo "Measured $(date -u +%F) with \`bash bench/postgres.sh\` (DURATION=$DURATION, CONNS=$CONNS, wrk -t2, POST /transfers"
+  echo "between 100,000 seeded cards) on $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //');"
+  echo "PostgreSQL $("$PG_BIN/postgres" --version | sed 's/.* //') on the same machine (a throwaway cluster, fsync and"
+  echo "synchronous_commit on), so wrk, tallyd and PostgreSQL share the cores. One run each, in one session."
+  echo "Load average when the runs ended: $(cut -d' ' -f1-3 /proc/loadavg)."
   echo
-  echo "| target | script | 200/s | p50 ms | p99 ms | 200s of requests | stored |"
-  echo "|---|---|---|---|---|---|---|"
+  echo "PostgreSQL's own ceiling here, \`pgbench -M prepared -c $PGBENCH_CLIENTS -j 2\` (TPC-B-like, scale 10, one"
+  echo "commit per transaction): **${PGBENCH_TPS:-?} transactions/s**."
+  echo
+  echo "Rate: durable 200s per second. p50/p99 in ms (the worst instance's). Stored: transactions in the database"
+  echo "afterwards (at least the 200s: ok). tallyd MiB: peak RSS (the largest instance). PG MiB: the cluster's"
+  echo "proportional set size at the end. PG CPU s: the cluster's CPU seconds during the run. Per PG CPU s: 200s"
+  echo "per PostgreSQL CPU second."
+  echo
+  echo "| target | 200/s | p50 ms | p99 ms | 200s of requests | stored | tallyd MiB | PG MiB | PG CPU s | per PG CPU s |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
 } >"$RESULTS"
 echo "wrote $RESULTS"
