@@ -518,3 +518,85 @@ async fn three_instances_one_killed_under_keyed_load_execute_every_key_once() {
         answered.len()
     );
 }
+
+/// A deadlock is retried, never answered as an error: another session locks the destination of a
+/// transfer, tallyd's batch locks the source and waits for the destination, and the session then
+/// asks for the source. PostgreSQL's deadlock detector aborts tallyd's transaction (it waited
+/// first) with 40P01; tallyd decides the batch again once the session lets go, and the client gets
+/// its 200, the money moved once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadlock_with_another_session_is_retried_and_answered_200() {
+    let Some(url) = database("deadlock") else {
+        return;
+    };
+    let server = Server::start_with(Path::new(&url), "127.0.0.1:0", &[], "info,tallyd=debug");
+    let (source, source_opening) = seeded_card(1);
+    let (destination, destination_opening) = seeded_card(2);
+    let (session, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let lock = |name: &str| format!("SELECT 1 FROM ledger_accounts WHERE name = '{name}' FOR UPDATE");
+    session.batch_execute("BEGIN").await.unwrap();
+    session.batch_execute(&lock(&destination)).await.unwrap();
+
+    let addr = server.addr;
+    let body = transfer_body(&source, &destination, 5);
+    let transfer = tokio::spawn(async move {
+        let mut client = common::Client::connect(addr).await;
+        client.post_keyed("/transfers", &body, "deadlock-1").await
+    });
+    // tallyd's batch holds the source and waits for the destination.
+    let deadline = common::Deadline::new(
+        std::time::Duration::from_secs(30),
+        "tallyd to wait for the row lock",
+    );
+    while one(
+        &url,
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'",
+    ) == "0"
+    {
+        deadline.tick().await;
+    }
+    // The cycle: PostgreSQL aborts one side after deadlock_timeout (1 s).
+    let second = session.batch_execute(&lock(&source)).await;
+    session.batch_execute("ROLLBACK").await.unwrap();
+    let reply = transfer.await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let log = server.log_text();
+    eprintln!(
+        "deadlock: {}",
+        if second.is_ok() {
+            "tallyd's batch was aborted (40P01) and decided again"
+        } else {
+            "the other session was aborted"
+        }
+    );
+    assert!(
+        second.is_err() || log.contains("40P01"),
+        "neither side was aborted for a deadlock: {}",
+        errors(&server)
+    );
+    if second.is_ok() {
+        assert!(
+            log.contains("deciding it again"),
+            "the deadlock was not retried: {log}"
+        );
+    }
+    assert_eq!(
+        one(
+            &url,
+            "SELECT count(*) FROM transactions WHERE idempotency_key = 'deadlock-1'"
+        ),
+        "1"
+    );
+    let balance = |name: &str| {
+        one(
+            &url,
+            &format!("SELECT balance FROM ledger_accounts WHERE name = '{name}'"),
+        )
+    };
+    assert_eq!(balance(&source), (source_opening - 5).to_string());
+    assert_eq!(balance(&destination), (destination_opening + 5).to_string());
+    assert_ledger_consistent(&url);
+}
