@@ -5,6 +5,8 @@
 //! idempotency key sent to both instances at once is executed once and answered alike.
 
 mod common;
+#[path = "common/tls.rs"]
+mod tls_support;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -599,4 +601,64 @@ async fn a_deadlock_with_another_session_is_retried_and_answered_200() {
     assert_eq!(balance(&source), (source_opening - 5).to_string());
     assert_eq!(balance(&destination), (destination_opening + 5).to_string());
     assert_ledger_consistent(&url);
+}
+
+/// TLS to PostgreSQL: with `sslmode=require` in the URL every connection of tallyd (batches, ids,
+/// reads) is encrypted and the server's certificate is checked against `PGSSLROOTCERT`; `verify`
+/// connects the same way; a CA that did not sign the server's certificate keeps `serve` from
+/// starting, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_postgresql_is_used_when_the_url_requires_it_and_the_certificate_is_checked() {
+    let (Some(url), Some(ca)) = (database("tls"), std::env::var("PG_CA").ok()) else {
+        eprintln!("skipped: needs the cluster of scripts/ci-postgres.sh (PG_CA)");
+        return;
+    };
+    let tls_url = format!("{url}?sslmode=require");
+    let env = [("PGSSLROOTCERT", ca.as_str())];
+    let server = Server::start_with_env(Path::new(&tls_url), &[], &env);
+    let mut client = server.client().await;
+    let (source, opening) = seeded_card(1);
+    let reply = client
+        .post_json("/transfers", &transfer_body(&source, &seeded_card(2).0, 7))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(client.account_balance(&source).await, opening - 7);
+    let connections = |encrypted: bool| {
+        one(
+            &url,
+            &format!(
+                "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.datname = current_database() AND a.backend_type = 'client backend' \
+                 AND a.pid <> pg_backend_pid() AND s.ssl = {encrypted}"
+            ),
+        )
+    };
+    assert_ne!(connections(true), "0", "no encrypted connection of tallyd's");
+    assert_eq!(connections(false), "0", "a plaintext connection of tallyd's");
+
+    let verified = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["verify", "--db", &tls_url])
+        .env("PGSSLROOTCERT", &ca)
+        .output()
+        .unwrap();
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let stranger = dir.path().join("other-ca.pem");
+    std::fs::write(&stranger, tls_support::Ca::new("not the cluster's CA").cert_pem).unwrap();
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--db", &tls_url])
+        .env("PGSSLROOTCERT", &stranger)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "served with an unknown CA: {stderr}");
+    assert!(
+        stderr.to_lowercase().contains("certificate"),
+        "the refusal does not say why: {stderr}"
+    );
 }

@@ -209,7 +209,10 @@ impl From<tokio_postgres::Error> for Failure {
 
 impl From<deadpool_postgres::PoolError> for Failure {
     fn from(error: deadpool_postgres::PoolError) -> Self {
-        Failure::Failed(format!("no PostgreSQL connection: {error}"))
+        Failure::Failed(format!(
+            "no PostgreSQL connection: {}",
+            postgres::with_causes(&error)
+        ))
     }
 }
 

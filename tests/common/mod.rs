@@ -72,11 +72,28 @@ impl Server {
         Self::spawn(db.to_owned(), "127.0.0.1:0", extra, "info")
     }
 
+    /// Starts the server on `db` with extra environment variables (for example `PGSSLROOTCERT`).
+    pub fn start_with_env(db: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let db = postgres::database_for(db).map_or_else(|| db.to_owned(), PathBuf::from);
+        Self::spawn_with(db, "127.0.0.1:0", extra, "info", env)
+    }
+
     fn spawn(db: PathBuf, listen: &str, extra: &[&str], log_filter: &str) -> Server {
+        Self::spawn_with(db, listen, extra, log_filter, &[])
+    }
+
+    fn spawn_with(
+        db: PathBuf,
+        listen: &str,
+        extra: &[&str],
+        log_filter: &str,
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .args(["serve", "--listen", listen, "--db"])
             .arg(&db)
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

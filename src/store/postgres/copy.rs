@@ -10,7 +10,6 @@
 use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags};
-use tokio_postgres::NoTls;
 
 use super::{describe, migrate};
 use crate::store::StoreError;
@@ -202,8 +201,7 @@ pub async fn copy(from: &Path, to: &str) -> Result<Copied, StoreError> {
             .map_err(|error| StoreError::Unusable(format!("reading the SQLite ledger: {error}")))??
     };
     let failed = |error: tokio_postgres::Error| StoreError::Unusable(describe(&error));
-    let (mut client, connection) = tokio_postgres::connect(to, NoTls).await.map_err(failed)?;
-    let connection = tokio::spawn(connection);
+    let (mut client, connection) = super::connect(to).await?;
     let tx = client.transaction().await.map_err(failed)?;
     let prepared = migrate::prepare_in(&tx, Some("")).await?;
     if prepared.applied.first() != Some(&1) {

@@ -45,12 +45,14 @@
 //! * **Background jobs** (the holds sweeper and the idempotency-key pruning) run on every
 //!   instance; each takes its rows with `FOR UPDATE SKIP LOCKED`, so instances share the work
 //!   instead of queueing behind each other, and a hold is expired once.
+//! * **TLS** when the URL says `sslmode=require`, the server's certificate always verified
+//!   (chain and host name) against `PGSSLROOTCERT`'s CAs: see `tls_connector`.
 //! * **Reads** come from a pool of their own, on the primary, or on a replica with `--read-db`
 //!   (then a read may lag the writes it follows by the replica's replay lag).
 //!
 //! What it does not do yet: API keys are kept in the SQLite database only, so a PostgreSQL server
 //! runs without keys (on loopback, or with `--allow-unauthenticated`); `tallyd migrate` does not copy a SQLite ledger with archived history; TLS to the database is not
-//! wired (`sslmode=require` is refused); `/stats`' average balance is re-read once a second by one
+//! `/stats`' average balance is re-read once a second by one
 //! worker per instance (a scan of the accounts), not kept up to date by each batch.
 
 pub mod copy;
@@ -115,18 +117,13 @@ pub fn pool(url: &str, size: usize) -> Result<Pool, StoreError> {
         config.get_options().unwrap_or_default()
     );
     config.options(options.trim_start());
-    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-        return Err(StoreError::Unusable(
-            "sslmode=require: TLS to PostgreSQL is not supported yet".into(),
-        ));
-    }
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager_config = || ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match tls_connector(&config)? {
+        Some(tls) => Manager::from_config(config, tls, manager_config()),
+        None => Manager::from_config(config, NoTls, manager_config()),
+    };
     Pool::builder(manager)
         .max_size(size)
         .wait_timeout(Some(POOL_WAIT))
@@ -134,6 +131,73 @@ pub fn pool(url: &str, size: usize) -> Result<Pool, StoreError> {
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .map_err(|error| StoreError::Unusable(format!("cannot make a connection pool: {error}")))
+}
+
+/// Where the CA certificates that a PostgreSQL server's certificate must chain to are read from,
+/// as libpq reads them: `PGSSLROOTCERT`, else `~/.postgresql/root.crt`, else the system's bundle.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The TLS connector for `config`: `None` (plaintext) unless the URL says `sslmode=require`.
+/// With TLS the server's certificate is always verified (chain and host name), stricter than
+/// libpq's `require`, which encrypts without checking whom to: a payment ledger does not send its
+/// writes to a server it has not authenticated.
+fn tls_connector(
+    config: &tokio_postgres::Config,
+) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, StoreError> {
+    if config.get_ssl_mode() != tokio_postgres::config::SslMode::Require {
+        return Ok(None);
+    }
+    let path = std::env::var_os("PGSSLROOTCERT")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            let home = std::env::var_os("HOME")?;
+            let path = std::path::Path::new(&home).join(".postgresql/root.crt");
+            path.exists().then_some(path)
+        })
+        .unwrap_or_else(|| std::path::PathBuf::from(SYSTEM_CA_BUNDLE));
+    let unusable = |what: String| {
+        StoreError::Unusable(format!(
+            "sslmode=require: {what} (set PGSSLROOTCERT to the CA's PEM file)"
+        ))
+    };
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let certificates = CertificateDer::pem_file_iter(&path)
+        .map_err(|error| unusable(format!("cannot read {}: {error}", path.display())))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in certificates {
+        let certificate = certificate.map_err(|error| unusable(format!("{}: {error}", path.display())))?;
+        roots
+            .add(certificate)
+            .map_err(|error| unusable(format!("{}: {error}", path.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(unusable(format!("{} holds no certificate", path.display())));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| unusable(error.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls)))
+}
+
+/// One connection to `url` (plaintext or TLS, as [`pool`]'s), its driver spawned on the current
+/// runtime; the handle ends when the connection does.
+pub async fn connect(url: &str) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), StoreError> {
+    let config = tokio_postgres::Config::from_str(url)
+        .map_err(|error| StoreError::Unusable(format!("not a PostgreSQL URL: {error}")))?;
+    let failed = |error: tokio_postgres::Error| StoreError::Unusable(describe(&error));
+    match tls_connector(&config)? {
+        Some(tls) => {
+            let (client, connection) = config.connect(tls).await.map_err(failed)?;
+            Ok((client, tokio::spawn(async move { drop(connection.await) })))
+        }
+        None => {
+            let (client, connection) = config.connect(NoTls).await.map_err(failed)?;
+            Ok((client, tokio::spawn(async move { drop(connection.await) })))
+        }
+    }
 }
 
 /// Whether the error says "decide the batch again": a deadlock, a serialization failure, or a
@@ -161,13 +225,28 @@ pub fn store_error(error: &tokio_postgres::Error) -> StoreError {
 pub fn describe(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => error.to_string(),
+        None => with_causes(error),
     }
+}
+
+/// An error and its causes, outermost first ("error performing TLS handshake: invalid peer
+/// certificate: UnknownIssuer"): tokio-postgres' own message says only the first.
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let inner_text = inner.to_string();
+        if !text.ends_with(&inner_text) {
+            text = format!("{text}: {inner_text}");
+        }
+        cause = inner.source();
+    }
+    text
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(error: deadpool_postgres::PoolError) -> Self {
-        StoreError::Retryable(format!("no PostgreSQL connection: {error}"))
+        StoreError::Retryable(format!("no PostgreSQL connection: {}", with_causes(&error)))
     }
 }
 

@@ -4,8 +4,6 @@
 
 use std::time::Instant;
 
-use tokio_postgres::NoTls;
-
 use super::describe;
 use crate::store::sqlite::Check;
 use crate::store::StoreError;
@@ -83,8 +81,7 @@ pub const CHECKS: &[(&str, &str)] = &[
 /// Runs every check; returns the number of transactions and each check's result.
 pub async fn verify(url: &str) -> Result<(i64, Vec<Check>), StoreError> {
     let unusable = |error: tokio_postgres::Error| StoreError::Unusable(describe(&error));
-    let (mut client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(unusable)?;
-    let connection = tokio::spawn(connection);
+    let (mut client, connection) = super::connect(url).await?;
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
