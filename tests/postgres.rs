@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use common::postgres::{assert_ledger_consistent, database_for, query};
+use common::postgres::{assert_every_key_once, assert_ledger_consistent, database_for, query};
 use common::{seeded_card, transfer_body, Rng, Server};
 
 /// The database the suites run on, or `None` (and the test is skipped).
@@ -480,28 +480,7 @@ async fn three_instances_one_killed_under_keyed_load_execute_every_key_once() {
         }
     }
     assert!(switches > 0, "no client lost its instance");
-    let stored: BTreeMap<String, (i64, i64)> = query(
-        &url,
-        "SELECT idempotency_key, count(*), min(id) FROM transactions GROUP BY idempotency_key",
-    )
-    .into_iter()
-    .map(|row| {
-        let number = |at: usize| row[at].as_deref().unwrap().parse::<i64>().unwrap();
-        (row[0].clone().unwrap_or_default(), (number(1), number(2)))
-    })
-    .collect();
-    assert_eq!(
-        stored.len(),
-        answered.len(),
-        "a transaction for every key, and no other"
-    );
-    for (key, id) in &answered {
-        assert_eq!(
-            stored.get(key),
-            Some(&(1, *id)),
-            "{key}: once, under the id answered"
-        );
-    }
+    assert_every_key_once(&url, &answered);
     for (card, balance) in &expected {
         assert_eq!(
             one(

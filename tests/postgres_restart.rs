@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::postgres::{assert_ledger_consistent, database_for, query, Cluster};
+use common::postgres::{assert_every_key_once, assert_ledger_consistent, database_for, Cluster};
 use common::{seeded_card, transfer_body, Client, Deadline, Server};
 
 const CLIENTS: usize = 8;
@@ -86,28 +86,7 @@ async fn postgresql_crashing_under_load_costs_503s_only_and_tallyd_recovers_by_i
     for task in tasks {
         answered.extend(task.await.unwrap());
     }
-    let stored: BTreeMap<String, (i64, i64)> = query(
-        &url,
-        "SELECT idempotency_key, count(*), min(id) FROM transactions GROUP BY idempotency_key",
-    )
-    .into_iter()
-    .map(|row| {
-        let number = |at: usize| row[at].as_deref().unwrap().parse::<i64>().unwrap();
-        (row[0].clone().unwrap_or_default(), (number(1), number(2)))
-    })
-    .collect();
-    assert_eq!(
-        stored.len(),
-        answered.len(),
-        "a transaction for every key, and no other"
-    );
-    for (key, id) in &answered {
-        assert_eq!(
-            stored.get(key),
-            Some(&(1, *id)),
-            "{key}: once, under the id answered"
-        );
-    }
+    assert_every_key_once(&url, &answered);
     assert_ledger_consistent(&url);
     common::verify(Path::new(&url));
     eprintln!(

@@ -223,3 +223,30 @@ fn is_root() -> bool {
         .output()
         .is_ok_and(|output| output.stdout.trim_ascii() == b"0")
 }
+
+/// Every key in `answered` (key -> the transaction id its client was answered) produced exactly one
+/// transaction, under that id, and no other key produced any.
+pub fn assert_every_key_once(url: &str, answered: &std::collections::BTreeMap<String, i64>) {
+    let stored: std::collections::BTreeMap<String, (i64, i64)> = query(
+        url,
+        "SELECT idempotency_key, count(*), min(id) FROM transactions GROUP BY idempotency_key",
+    )
+    .into_iter()
+    .map(|row| {
+        let number = |at: usize| row[at].as_deref().unwrap().parse::<i64>().unwrap();
+        (row[0].clone().unwrap_or_default(), (number(1), number(2)))
+    })
+    .collect();
+    assert_eq!(
+        stored.len(),
+        answered.len(),
+        "a transaction for every key, and no other"
+    );
+    for (key, id) in answered {
+        assert_eq!(
+            stored.get(key),
+            Some(&(1, *id)),
+            "{key}: once, under the id answered"
+        );
+    }
+}
