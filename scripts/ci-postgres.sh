@@ -5,7 +5,8 @@
 #    temporary directory owned by the postgres user, on 127.0.0.1 on a free port, with password
 #    authentication (scripts/lib/postgres.sh). Nothing is assumed installed or running.
 # 2. Runs tests/postgres.rs (migrations under the advisory lock, two instances on one database
-#    conserving money, one idempotency key sent to two instances at once) and the shared suites
+#    conserving money, one idempotency key sent to two instances at once), tests/postgres_replica.rs
+#    (the read routes on a hot standby made with pg_basebackup, its replay paused) and the shared suites
 #    (server, idempotency, ledger, holds, bulk, hostile, crash, overload, retries: each test that
 #    reads SQLite's own files or locks says so and skips), then tests/postgres_restart.rs (PostgreSQL
 #    stopped -m immediate under load and started again), with TALLYD_TEST_DB pointing at the
@@ -24,7 +25,7 @@ cd "$ROOT"
 # shellcheck source=lib/postgres.sh
 source "$ROOT/scripts/lib/postgres.sh"
 
-readonly DEFAULT_SUITES=(postgres server idempotency ledger holds bulk hostile crash overload retries postgres_restart)
+readonly DEFAULT_SUITES=(postgres postgres_replica server idempotency ledger holds bulk hostile crash overload retries postgres_restart)
 if [ "$#" -gt 0 ]; then
   SUITES=("$@")
 else

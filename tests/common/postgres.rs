@@ -197,23 +197,106 @@ impl Cluster {
 
     /// Runs pg_ctl on the cluster as the postgres user (it refuses to run as root).
     fn pg_ctl(&self, args: &[&str]) {
-        let pg_ctl = self.bin.join("pg_ctl");
-        let data = self.work.join("data");
-        let mut command = if is_root() {
-            let mut command = std::process::Command::new("runuser");
-            command.args(["-u", "postgres", "--"]).arg(&pg_ctl);
-            command
-        } else {
-            std::process::Command::new(&pg_ctl)
-        };
-        let status = command
+        self.pg_ctl_on(&self.work.join("data"), args);
+    }
+
+    fn pg_ctl_on(&self, data: &Path, args: &[&str]) {
+        assert!(self.try_pg_ctl_on(data, args), "pg_ctl {args:?} failed");
+    }
+
+    fn try_pg_ctl_on(&self, data: &Path, args: &[&str]) -> bool {
+        self.as_postgres("pg_ctl")
             .arg("-D")
-            .arg(&data)
+            .arg(data)
             .args(args)
             .stdout(std::process::Stdio::null())
             .status()
-            .expect("running pg_ctl");
-        assert!(status.success(), "pg_ctl {args:?} failed");
+            .is_ok_and(|status| status.success())
+    }
+
+    /// One of the cluster's binaries, run as the postgres user when the test runs as root.
+    fn as_postgres(&self, binary: &str) -> std::process::Command {
+        let path = self.bin.join(binary);
+        if is_root() {
+            let mut command = std::process::Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(path);
+            command
+        } else {
+            std::process::Command::new(path)
+        }
+    }
+
+    /// A hot standby streaming from this cluster: `pg_basebackup -R` into the work directory
+    /// (over the cluster's socket, where initdb's `local replication` rule lets it in), started on
+    /// a free port. Stopped and removed when dropped.
+    pub fn replica(&self, name: &str) -> Replica {
+        let data = self.work.join(name);
+        let status = self
+            .as_postgres("pg_basebackup")
+            .arg("-h")
+            .arg(&self.work)
+            .args(["-p", &self.port, "-U", "tallyd", "-X", "stream", "-R", "-D"])
+            .arg(&data)
+            .status()
+            .expect("running pg_basebackup");
+        assert!(status.success(), "pg_basebackup failed");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port()
+            .to_string();
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c max_connections=200",
+            self.work.display()
+        );
+        let log = self.work.join(format!("{name}.log"));
+        self.pg_ctl_on(
+            &data,
+            &[
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-l",
+                log.to_str().unwrap(),
+                "-o",
+                &options,
+            ],
+        );
+        Replica {
+            cluster: Cluster {
+                bin: self.bin.clone(),
+                work: self.work.clone(),
+                port: self.port.clone(),
+            },
+            data,
+            port,
+        }
+    }
+}
+
+/// A standby made by [`Cluster::replica`].
+pub struct Replica {
+    cluster: Cluster,
+    data: PathBuf,
+    pub port: String,
+}
+
+impl Replica {
+    /// `url` (a database on the primary) with the replica's port instead.
+    pub fn url_for(&self, url: &str) -> String {
+        let (before, after) = url.split_once("@127.0.0.1:").expect("a URL on 127.0.0.1");
+        let (_, database) = after.split_once('/').expect("a URL with a database");
+        format!("{before}@127.0.0.1:{}/{database}", self.port)
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        // No assertion here: a drop during a failing test's unwinding must not panic again.
+        self.cluster
+            .try_pg_ctl_on(&self.data, &["stop", "-m", "immediate", "-w"]);
+        let _ = std::fs::remove_dir_all(&self.data);
     }
 }
 
