@@ -370,17 +370,24 @@ impl ApiError {
         if let Some(card) = &self.card_number {
             error["card_number"] = card.as_str().into();
         }
-        let detail = self.detail.as_deref().cloned().unwrap_or_default();
-        if let Some(index) = detail.index {
+        let detail = self.detail.as_deref();
+        if let Some(index) = detail.and_then(|detail| detail.index) {
             error["index"] = index.into();
         }
-        if let Some(available) = detail.available {
+        if let Some(available) = detail.and_then(|detail| detail.available) {
             error["available"] = available.into();
         }
-        match &detail.results {
-            Some(results) => to_json(&json!({ "error": error, "results": results })),
-            None => to_json(&json!({ "error": error })),
+        /// The body, borrowing a batch's results rather than copying them into a `Value`.
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: serde_json::Value,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            results: Option<&'a [serde_json::Value]>,
         }
+        to_json(&Body {
+            error,
+            results: detail.and_then(|detail| detail.results.as_deref()),
+        })
     }
 
     pub fn into_response(self) -> HttpResponse {

@@ -153,24 +153,9 @@ impl Route {
             Route::Healthz | Route::Readyz | Route::OpenApi => None,
             Route::Metrics | Route::Stats | Route::Dashboard if metrics_public => None,
             Route::Account if method == Method::PATCH => Some(Scope::Admin),
-            Route::Transaction
-            | Route::Transfers
-            | Route::Accounts
-            | Route::TransfersBulk
-            | Route::Holds
-            | Route::HoldCapture
-            | Route::HoldVoid
-            | Route::Batches => Some(Scope::Write),
-            Route::Metrics
-            | Route::Stats
-            | Route::Dashboard
-            | Route::Account
-            | Route::AccountEntries
-            | Route::AccountHolds
-            | Route::Transactions
-            | Route::TransactionById
-            | Route::HoldById
-            | Route::Balance => Some(Scope::Read),
+            // Every POST route changes the ledger; `is_post` is the one list of them.
+            _ if self.is_post() => Some(Scope::Write),
+            _ => Some(Scope::Read),
         }
     }
 
