@@ -20,11 +20,18 @@ pub struct Migration {
 }
 
 /// Every version, in order. A new version is a new file here and nothing else.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_ledger.sql",
-    sql: include_str!("../../../migrations/postgres/0001_ledger.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_ledger.sql",
+        sql: include_str!("../../../migrations/postgres/0001_ledger.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_api_keys.sql",
+        sql: include_str!("../../../migrations/postgres/0002_api_keys.sql"),
+    },
+];
 
 /// The accounts a new database starts with (as `users.db.sql` on SQLite).
 pub const SEED: &str = include_str!("../../../migrations/postgres/seed.sql");
