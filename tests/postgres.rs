@@ -342,8 +342,27 @@ async fn a_sqlite_ledger_migrates_whole_with_its_ids_and_keys_and_serves_on() {
     };
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("users.db");
+    // Keys in the SQLite file itself (the harness's create_key would make them on PostgreSQL).
+    let sqlite_keys = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .arg("keys")
+            .args(args)
+            .arg("--db")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    };
+    let key = sqlite_keys(&["create", "--name", "mover", "--scope", "write"]);
+    let gone = sqlite_keys(&["create", "--name", "gone", "--scope", "write"]);
+    sqlite_keys(&["revoke", "gone"]);
     let mut sqlite = Server::start_on_sqlite(&file, &[]);
-    let mut client = sqlite.client().await;
+    let mut client = sqlite.client().await.with_bearer(&key);
     let (card, _) = seeded_card(3);
     let body = format!(r#"{{"card_number":"{card}","amount":-250}}"#);
     let first = client.post_keyed("/transaction", &body, "moved-key").await;
@@ -372,12 +391,19 @@ async fn a_sqlite_ledger_migrates_whole_with_its_ids_and_keys_and_serves_on() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(text.contains("all 11 checks hold"), "{text}");
+    assert!(text.contains("2 API keys"), "{text}");
     assert_eq!(one(&url, "SELECT count(*) FROM transactions"), "2");
     assert_ledger_consistent(&url);
 
-    // The copy serves on: the same key replays the same bytes, and new ids follow the old ones.
+    // The copy serves on: the API keys came along (the revoked one still refused, a caller
+    // without one refused), the same idempotency key of the same API key replays the same bytes,
+    // and new ids follow the old ones.
     let server = Server::start_with(Path::new(&url), "127.0.0.1:0", &[], "info");
-    let mut client = server.client().await;
+    let mut anonymous = server.client().await;
+    assert_eq!(anonymous.transaction(&card, 5).await.status.as_u16(), 401);
+    let mut revoked = server.client().await.with_bearer(&gone);
+    assert_eq!(revoked.transaction(&card, 5).await.status.as_u16(), 401);
+    let mut client = server.client().await.with_bearer(&key);
     let replay = client.post_keyed("/transaction", &body, "moved-key").await;
     assert!(replay.replayed(), "{}", replay.text);
     assert_eq!(replay.body, first.body);

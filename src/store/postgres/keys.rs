@@ -98,6 +98,36 @@ pub async fn revoke(client: &Client, name: &str, at_unix_ms: i64) -> Result<bool
     Ok(client.execute(REVOKE_KEY, &[&name, &at_unix_ms]).await? == 1)
 }
 
+/// Copies whole rows (use and revocation times too) in one statement, for `tallyd migrate`.
+pub async fn copy_in(
+    client: &impl tokio_postgres::GenericClient,
+    rows: &[KeyRow],
+) -> Result<(), tokio_postgres::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let texts = |pick: fn(&KeyRow) -> &str| rows.iter().map(pick).collect::<Vec<_>>();
+    let names = texts(|row| &row.name);
+    let scopes = texts(|row| &row.scope);
+    let prefixes = texts(|row| &row.key_prefix);
+    let cns: Vec<Option<&str>> = rows.iter().map(|row| row.client_cert_cn.as_deref()).collect();
+    let digests: Vec<&[u8]> = rows.iter().map(|row| &row.key_sha256[..]).collect();
+    let created: Vec<i64> = rows.iter().map(|row| row.created_at_ms).collect();
+    let used: Vec<Option<i64>> = rows.iter().map(|row| row.last_used_at_ms).collect();
+    let revoked: Vec<Option<i64>> = rows.iter().map(|row| row.revoked_at_ms).collect();
+    client
+        .execute(
+            "INSERT INTO api_keys (name, scope, key_sha256, key_prefix, client_cert_cn, created_at_ms, \
+             last_used_at_ms, revoked_at_ms) SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[], \
+             $4::text[], $5::text[], $6::int8[], $7::int8[], $8::int8[])",
+            &[
+                &names, &scopes, &digests, &prefixes, &cns, &created, &used, &revoked,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Records when each key was last used, in one statement; never moves a time backwards.
 pub async fn touch(client: &Client, used: &[(String, i64)]) -> Result<(), tokio_postgres::Error> {
     if used.is_empty() {
