@@ -7,8 +7,9 @@
 # 2. Runs tests/postgres.rs (migrations under the advisory lock, two instances on one database
 #    conserving money, one idempotency key sent to two instances at once), tests/postgres_replica.rs
 #    (the read routes on a hot standby made with pg_basebackup, its replay paused) and the shared suites
-#    (server, idempotency, ledger, holds, bulk, hostile, crash, overload, retries: each test that
-#    reads SQLite's own files or locks says so and skips), then tests/postgres_restart.rs (PostgreSQL
+#    (server, idempotency, ledger, holds, bulk, hostile, crash, overload, retries, auth, rate_limit:
+#    each test that reads SQLite's own files or locks says so and skips; the API keys are created
+#    in the PostgreSQL database with `tallyd keys --db postgres://...`), then tests/postgres_restart.rs (PostgreSQL
 #    stopped -m immediate under load and started again), with TALLYD_TEST_DB pointing at the
 #    cluster: the harness (tests/common) then starts every server on a fresh database of its own
 #    there instead of a SQLite file.
@@ -25,7 +26,7 @@ cd "$ROOT"
 # shellcheck source=lib/postgres.sh
 source "$ROOT/scripts/lib/postgres.sh"
 
-readonly DEFAULT_SUITES=(postgres postgres_replica server idempotency ledger holds bulk hostile crash overload retries postgres_restart)
+readonly DEFAULT_SUITES=(postgres postgres_replica server idempotency ledger holds bulk hostile crash overload retries auth rate_limit postgres_restart)
 if [ "$#" -gt 0 ]; then
   SUITES=("$@")
 else

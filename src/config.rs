@@ -295,6 +295,10 @@ pub mod limits {
     pub const KEY_LAST_USED_RESOLUTION: Duration = Duration::from_secs(3600);
     /// How long key management waits for SQLite's write lock (the engine holds it for one commit).
     pub const KEYS_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Longest one read or write of the API keys may take on PostgreSQL (the reload thread's, and
+    /// each of `tallyd keys`' statements): past it the keys in force stay in force, and the next
+    /// period tries again.
+    pub const KEY_TABLE_TIMEOUT: Duration = Duration::from_secs(5);
     /// Longest `Authorization` token read; anything longer is not a key.
     pub const KEY_TEXT_BYTES_MAX: usize = 256;
     /// Largest item of a bulk request, in bytes of JSON: the longest valid transfer (two grouped

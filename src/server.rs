@@ -101,7 +101,8 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let address = listener.local_addr().map_err(ServerError::Listen)?;
     // Keys first: a server that would be open to the network refuses before it does anything else.
-    let (keys, reloader) = auth::reload::start(&config.db, store.key_touches())?;
+    let table = auth::reload::SqliteKeys::open(&config.db, store.key_touches())?;
+    let (keys, reloader) = auth::reload::start(table)?;
     check_exposure(&config, address, keys.current().required())?;
     let (engine, workers) = {
         let config = config.clone();
@@ -201,7 +202,8 @@ pub(crate) async fn serve(
     reloader.abort();
     drop(app);
     let _ = tokio::task::spawn_blocking(move || workers.join()).await;
-    drop(_guard);
+    // Off the reactor: the key reload thread is joined, and may be finishing a read.
+    let _ = tokio::task::spawn_blocking(move || drop(_guard)).await;
     tracing::info!("every queued transaction is committed and answered; bye");
     Ok(())
 }

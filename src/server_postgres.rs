@@ -1,13 +1,13 @@
-//! Starting a server on PostgreSQL: the schema migrated before we listen, the pools, the engine's
-//! PostgreSQL workers; then the same accept loop and shutdown order as on SQLite
-//! ([`crate::server::serve`]).
+//! Starting a server on PostgreSQL: the schema migrated before we listen, the pools, the API keys
+//! and their reload thread, the engine's PostgreSQL workers; then the same accept loop and
+//! shutdown order as on SQLite ([`crate::server::serve`]).
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use crate::auth::{KeyRing, KeySet};
+use crate::auth::reload::{self, PgKeys};
 use crate::config::Config;
 use crate::engine::{Engine, Pools};
 use crate::http;
@@ -60,10 +60,17 @@ pub async fn run(
     started: std::time::Instant,
 ) -> Result<(), ServerError> {
     let address = listener.local_addr().map_err(ServerError::Listen)?;
-    // API keys live in the SQLite database only, so far: a PostgreSQL server has none, and is
-    // refused on a non-loopback address unless --allow-unauthenticated says so.
-    let keys = Arc::new(KeyRing::new(KeySet::default()));
-    check_exposure(&config, address, false)?;
+    // Keys first, from the database's api_keys table, as on SQLite: a server that would be open to
+    // the network refuses before it does anything else. Every instance on the database polls the
+    // table, so a key created or revoked through any of them is in force on all within a period.
+    let (keys, reloader) = {
+        let table = PgKeys::new(url_of(&config.db)?, tokio::runtime::Handle::current())?;
+        // The first read blocks on the runtime's handle, which a worker thread may not do.
+        tokio::task::spawn_blocking(move || reload::start(table))
+            .await
+            .expect("reading the API keys does not panic")?
+    };
+    check_exposure(&config, address, keys.current().required())?;
     let reader = Arc::new(PgReader::new(opened.read, tokio::runtime::Handle::current()));
     let credit = {
         let reader = Arc::clone(&reader);
@@ -80,7 +87,7 @@ pub async fn run(
         workers,
         reader,
         keys,
-        _guard: Box::new(()),
+        _guard: Box::new(reloader),
     };
     serve(listener, backend, config, shutdown, started).await
 }

@@ -91,7 +91,7 @@ pub fn migrate(from: &Path, to: &Path) -> Result<ExitCode, Box<dyn std::error::E
     let copied = runtime.block_on(crate::store::postgres::copy::copy(from, url))?;
     println!(
         "migrated {} into {} in one transaction in {:.2} s: {} accounts, {} transactions, {} idempotency records, \
-         {} holds, {} accounts with credit terms",
+         {} holds, {} accounts with credit terms, {} API keys",
         from.display(),
         crate::store::postgres::redacted(to),
         started.elapsed().as_secs_f64(),
@@ -99,7 +99,8 @@ pub fn migrate(from: &Path, to: &Path) -> Result<ExitCode, Box<dyn std::error::E
         copied.transactions,
         copied.idempotency_records,
         copied.holds,
-        copied.credit_rows
+        copied.credit_rows,
+        copied.api_keys
     );
     drop(runtime);
     run(to)

@@ -629,8 +629,6 @@ async fn a_batch_funds_and_spends_in_one_commit_or_changes_nothing() {
 
 #[tokio::test]
 async fn changing_a_limit_needs_the_admin_scope() {
-    // API keys are kept in the SQLite database only, so far.
-    sqlite_only!();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("users.db");
     // The database exists before the keys do.

@@ -34,6 +34,17 @@ fn errors(server: &Server) -> String {
         .join("\n")
 }
 
+/// How long a revocation, or a first use's write-back, may take to reach the database and every
+/// instance (the reload period is 250 ms; the rest is slack for a loaded CI machine).
+const REVOCATION_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 fn one(url: &str, sql: &str) -> String {
     query(url, sql)[0][0].clone().unwrap_or_default()
 }
@@ -54,7 +65,8 @@ fn two_instances_starting_together_migrate_once_and_seed_once() {
         return;
     };
     let (_a, _b) = two_servers(&url, &[]);
-    assert_eq!(one(&url, "SELECT count(*) FROM tallyd_migrations"), "1");
+    // 0001_ledger.sql and 0002_api_keys.sql, each once.
+    assert_eq!(one(&url, "SELECT count(*) FROM tallyd_migrations"), "2");
     assert_eq!(
         one(
             &url,
@@ -63,6 +75,150 @@ fn two_instances_starting_together_migrate_once_and_seed_once() {
         "1"
     );
     assert_eq!(one(&url, "SELECT count(*) FROM ledger_accounts"), "100002");
+}
+
+#[test]
+fn a_version_1_database_gains_the_key_table_at_start_and_keeps_its_ledger() {
+    let Some(url) = database("upgrade-to-keys") else {
+        return;
+    };
+    // A database as a tallyd of schema version 1 left it: its ledger, one account, no api_keys.
+    common::postgres::execute(&url, include_str!("../migrations/postgres/0001_ledger.sql"));
+    common::postgres::execute(
+        &url,
+        "CREATE TABLE tallyd_migrations (version integer NOT NULL PRIMARY KEY, name text NOT NULL, \
+         applied_at timestamptz NOT NULL DEFAULT now()); \
+         INSERT INTO tallyd_migrations (version, name) VALUES (1, '0001_ledger.sql'); \
+         INSERT INTO ledger_accounts (name, opening_balance, balance, created_at_ms) \
+         VALUES ('1234567890', 500, 500, 1)",
+    );
+    let server = Server::start_with(Path::new(&url), "127.0.0.1:0", &[], "info");
+    assert_eq!(
+        one(
+            &url,
+            "SELECT string_agg(name, ',' ORDER BY version) FROM tallyd_migrations"
+        ),
+        "0001_ledger.sql,0002_api_keys.sql"
+    );
+    assert_eq!(one(&url, "SELECT count(*) FROM api_keys"), "0");
+    // Not seeded again: the one account it had is the only card.
+    assert_eq!(one(&url, "SELECT count(*) FROM ledger_accounts"), "2");
+    drop(server);
+    common::create_key(Path::new(&url), "after-upgrade", "read", &[]);
+    assert_eq!(one(&url, "SELECT count(*) FROM api_keys"), "1");
+}
+
+/// The first use of `key` on `addr` (a deposit of 1 to the demo card), answered 200.
+async fn use_key(addr: std::net::SocketAddr, key: &str) {
+    let mut client = common::Client::connect(addr).await.with_bearer(key);
+    let reply = client.transaction(common::DEMO_CARD, 1).await;
+    assert_eq!(reply.status.as_u16(), 200, "{}", reply.text);
+}
+
+/// Each key's stored last use, by name (`None` while it has none).
+fn last_used(url: &str) -> std::collections::BTreeMap<String, Option<i64>> {
+    query(url, "SELECT name, last_used_at_ms FROM api_keys")
+        .into_iter()
+        .map(|row| {
+            let at = row[1].as_deref().map(|at| at.parse().unwrap());
+            (row[0].clone().unwrap(), at)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_record_use_times_and_a_revoked_key_is_refused_by_both_within_a_deadline() {
+    let Some(url) = database("keys-two-instances") else {
+        return;
+    };
+    let db = Path::new(&url);
+    // Created before either instance starts (the command migrates and seeds the new database).
+    let shared = common::create_key(db, "shared", "write", &[]);
+    let only_a = common::create_key(db, "only-a", "write", &[]);
+    let only_b = common::create_key(db, "only-b", "write", &[]);
+    let future = common::create_key(db, "future", "write", &[]);
+    let probe = common::create_key(db, "probe", "write", &[]);
+    // On a non-loopback address: the keys in the database are what let them start.
+    let (a, b) = std::thread::scope(|scope| {
+        let first = scope.spawn(|| Server::start_with(db, "0.0.0.0:0", &[], "info"));
+        let second = scope.spawn(|| Server::start_with(db, "0.0.0.0:0", &[], "info"));
+        (first.join().unwrap(), second.join().unwrap())
+    });
+    // A use time later than any this test makes, stored after both instances read the table (so
+    // both still take the key as never used, and write its first use): it must not move backwards.
+    const FUTURE_MS: i64 = 9_000_000_000_000;
+    common::postgres::execute(
+        &url,
+        &format!("UPDATE api_keys SET last_used_at_ms = {FUTURE_MS} WHERE name = 'future'"),
+    );
+    let (a_addr, b_addr) = (
+        std::net::SocketAddr::from(([127, 0, 0, 1], a.addr.port())),
+        std::net::SocketAddr::from(([127, 0, 0, 1], b.addr.port())),
+    );
+    let mut anonymous = common::Client::connect(a_addr).await;
+    assert_eq!(
+        anonymous.transaction(common::DEMO_CARD, 1).await.status.as_u16(),
+        401
+    );
+
+    let started_ms = now_ms();
+    use_key(a_addr, &only_a).await;
+    use_key(b_addr, &only_b).await;
+    use_key(a_addr, &shared).await;
+    use_key(b_addr, &shared).await;
+    // The future key first, then the probe, on one instance: once the probe's use is stored, the
+    // future key's (due no later) was written too, in the same statement or an earlier one.
+    use_key(a_addr, &future).await;
+    use_key(a_addr, &probe).await;
+    let deadline = common::Deadline::new(REVOCATION_DEADLINE, "both instances to write use times");
+    let stored = loop {
+        let stored = last_used(&url);
+        if ["only-a", "only-b", "shared", "probe"]
+            .iter()
+            .all(|name| stored[*name].is_some())
+        {
+            break stored;
+        }
+        deadline.tick().await;
+    };
+    for name in ["only-a", "only-b", "shared", "probe"] {
+        let at = stored[name].unwrap();
+        assert!(
+            at >= started_ms && at <= now_ms(),
+            "{name}: {at} not in [{started_ms}, now]"
+        );
+    }
+    assert_eq!(stored["future"], Some(FUTURE_MS), "a use time moved backwards");
+
+    common::revoke_key(db, "shared");
+    let revoked = std::time::Instant::now();
+    let mut on_a = common::Client::connect(a_addr).await.with_bearer(&shared);
+    let mut on_b = common::Client::connect(b_addr).await.with_bearer(&shared);
+    let deadline = common::Deadline::new(REVOCATION_DEADLINE, "both instances to refuse the key");
+    let (mut a_refused, mut b_refused) = (false, false);
+    while !(a_refused && b_refused) {
+        if !a_refused {
+            a_refused = on_a.transaction(common::DEMO_CARD, 1).await.status.as_u16() == 401;
+        }
+        if !b_refused {
+            b_refused = on_b.transaction(common::DEMO_CARD, 1).await.status.as_u16() == 401;
+        }
+        if !(a_refused && b_refused) {
+            deadline.tick().await;
+        }
+    }
+    eprintln!(
+        "both instances refused the revoked key {:?} after it was revoked",
+        revoked.elapsed()
+    );
+    // The other keys still work on both.
+    use_key(b_addr, &only_a).await;
+    use_key(a_addr, &only_b).await;
+    for server in [&a, &b] {
+        let log = errors(server);
+        assert!(!log.contains("API keys"), "{log}");
+    }
+    assert_ledger_consistent(&url);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,8 +342,27 @@ async fn a_sqlite_ledger_migrates_whole_with_its_ids_and_keys_and_serves_on() {
     };
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("users.db");
+    // Keys in the SQLite file itself (the harness's create_key would make them on PostgreSQL).
+    let sqlite_keys = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .arg("keys")
+            .args(args)
+            .arg("--db")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    };
+    let key = sqlite_keys(&["create", "--name", "mover", "--scope", "write"]);
+    let gone = sqlite_keys(&["create", "--name", "gone", "--scope", "write"]);
+    sqlite_keys(&["revoke", "gone"]);
     let mut sqlite = Server::start_on_sqlite(&file, &[]);
-    let mut client = sqlite.client().await;
+    let mut client = sqlite.client().await.with_bearer(&key);
     let (card, _) = seeded_card(3);
     let body = format!(r#"{{"card_number":"{card}","amount":-250}}"#);
     let first = client.post_keyed("/transaction", &body, "moved-key").await;
@@ -216,12 +391,19 @@ async fn a_sqlite_ledger_migrates_whole_with_its_ids_and_keys_and_serves_on() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(text.contains("all 11 checks hold"), "{text}");
+    assert!(text.contains("2 API keys"), "{text}");
     assert_eq!(one(&url, "SELECT count(*) FROM transactions"), "2");
     assert_ledger_consistent(&url);
 
-    // The copy serves on: the same key replays the same bytes, and new ids follow the old ones.
+    // The copy serves on: the API keys came along (the revoked one still refused, a caller
+    // without one refused), the same idempotency key of the same API key replays the same bytes,
+    // and new ids follow the old ones.
     let server = Server::start_with(Path::new(&url), "127.0.0.1:0", &[], "info");
-    let mut client = server.client().await;
+    let mut anonymous = server.client().await;
+    assert_eq!(anonymous.transaction(&card, 5).await.status.as_u16(), 401);
+    let mut revoked = server.client().await.with_bearer(&gone);
+    assert_eq!(revoked.transaction(&card, 5).await.status.as_u16(), 401);
+    let mut client = server.client().await.with_bearer(&key);
     let replay = client.post_keyed("/transaction", &body, "moved-key").await;
     assert!(replay.replayed(), "{}", replay.text);
     assert_eq!(replay.body, first.body);

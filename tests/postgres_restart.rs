@@ -30,6 +30,9 @@ async fn postgresql_crashing_under_load_costs_503s_only_and_tallyd_recovers_by_i
         eprintln!("skipped: needs the cluster of scripts/ci-postgres.sh");
         return;
     };
+    // A checkpoint first, so that the recovery after the crash replays this test's WAL only, not
+    // that of every suite before it on the shared cluster (a minute and more on a loaded machine).
+    common::postgres::execute(&url, "CHECKPOINT");
     let server = Server::start_with(Path::new(&url), "127.0.0.1:0", &["--workers", "2"], "info");
     let acks = Arc::new(AtomicU64::new(0));
     let unavailable = Arc::new(AtomicU64::new(0));

@@ -1,5 +1,6 @@
 //! API keys themselves: their format, digest, names and scopes, and the `tallyd keys` commands
-//! that create, list and revoke them in a database (also while `serve` runs on it).
+//! that create, list and revoke them in a database, a SQLite file or a PostgreSQL URL (also while
+//! `serve` runs on it).
 //!
 //! A key is `tly_` and 64 lowercase hex digits: 256 bits from the operating system's random source
 //! (`getrandom`). The prefix makes a leaked key easy to recognise (in a log, a repository, a secret
@@ -14,6 +15,7 @@ use rusqlite::Connection;
 use sha2::{Digest, Sha256};
 
 use crate::config::{limits, KeysArgs, KeysCommand};
+use crate::store::postgres::{self as pg, keys as pg_table};
 use crate::store::sqlite::keys as table;
 pub use crate::store::sqlite::keys::KeyRow;
 
@@ -100,6 +102,8 @@ pub enum KeysError {
     Invalid(String),
     #[error("the database: {0}")]
     Database(#[from] rusqlite::Error),
+    #[error("the database: {0}")]
+    Postgres(String),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("the operating system's random source failed: {0}")]
@@ -110,7 +114,9 @@ pub enum KeysError {
 
 /// `tallyd keys ...`: prints what it did; the new key alone on stdout, everything else on stderr.
 pub fn run(args: &KeysArgs) -> Result<std::process::ExitCode, KeysError> {
-    let conn = open(&args.db)?;
+    let table = open(&args.db)?;
+    // A URL's password is never printed.
+    let shown = crate::store::postgres::redacted(&args.db);
     let mut out = std::io::stdout().lock();
     match &args.command {
         KeysCommand::Create {
@@ -118,12 +124,11 @@ pub fn run(args: &KeysArgs) -> Result<std::process::ExitCode, KeysError> {
             scope,
             client_cert_cn,
         } => {
-            let key = create(&conn, name, *scope, client_cert_cn.as_deref())?;
+            let key = create(&table, name, *scope, client_cert_cn.as_deref())?;
             writeln!(out, "{key}")?;
             eprintln!(
-                "created key {name} (scope {}) in {}; this is the only time it is shown: store it now",
+                "created key {name} (scope {}) in {shown}; this is the only time it is shown: store it now",
                 scope.as_str(),
-                args.db.display()
             );
         }
         KeysCommand::List => {
@@ -132,7 +137,7 @@ pub fn run(args: &KeysArgs) -> Result<std::process::ExitCode, KeysError> {
                 "{:<24} {:<6} {:<10} {:<24} {:<24} {:<24} client_cert_cn",
                 "name", "scope", "key", "created", "last_used", "revoked"
             )?;
-            for row in table::all(&conn, limits::KEYS_MAX)? {
+            for row in table.all()? {
                 let time = |ms: Option<i64>| ms.map_or_else(|| "-".to_owned(), format_unix_ms);
                 writeln!(
                     out,
@@ -148,8 +153,8 @@ pub fn run(args: &KeysArgs) -> Result<std::process::ExitCode, KeysError> {
             }
         }
         KeysCommand::Revoke { name } => {
-            if !table::revoke(&conn, name, crate::unix_ms_now())? {
-                return Err(KeysError::Invalid(if table::exists(&conn, name)? {
+            if !table.revoke(name, crate::unix_ms_now())? {
+                return Err(KeysError::Invalid(if table.exists(name)? {
                     format!("the key {name} is revoked already")
                 } else {
                     format!("there is no key named {name}")
@@ -166,7 +171,7 @@ pub fn run(args: &KeysArgs) -> Result<std::process::ExitCode, KeysError> {
 
 /// Makes a key and stores its digest; returns the key, which exists nowhere else.
 pub fn create(
-    conn: &Connection,
+    table: &Table,
     name: &str,
     scope: Scope,
     client_cert_cn: Option<&str>,
@@ -184,39 +189,119 @@ pub fn create(
             )));
         }
     }
-    if table::exists(conn, name)? {
+    if table.exists(name)? {
         return Err(KeysError::Invalid(format!(
             "a key named {name} exists (or existed: a revoked key's name is never reused, so that its \
              idempotency keys stay its own); choose another name"
         )));
     }
-    if table::count(conn)? >= limits::KEYS_MAX as i64 {
+    if table.count()? >= limits::KEYS_MAX as i64 {
         return Err(KeysError::Invalid(format!(
             "the database holds {} keys, the most tallyd serves; revoked keys count too",
             limits::KEYS_MAX
         )));
     }
     let key = generate().map_err(|error| KeysError::Random(error.to_string()))?;
-    table::insert(
-        conn,
-        &KeyRow {
-            name: name.to_owned(),
-            scope: scope.as_str().to_owned(),
-            key_sha256: digest(key.as_bytes()),
-            key_prefix: key[..KEY_PREFIX.len() + KEY_SHOWN_HEX].to_owned(),
-            client_cert_cn: client_cert_cn.map(str::to_owned),
-            created_at_ms: crate::unix_ms_now(),
-            last_used_at_ms: None,
-            revoked_at_ms: None,
-        },
-    )?;
+    table.insert(&KeyRow {
+        name: name.to_owned(),
+        scope: scope.as_str().to_owned(),
+        key_sha256: digest(key.as_bytes()),
+        key_prefix: key[..KEY_PREFIX.len() + KEY_SHOWN_HEX].to_owned(),
+        client_cert_cn: client_cert_cn.map(str::to_owned),
+        created_at_ms: crate::unix_ms_now(),
+        last_used_at_ms: None,
+        revoked_at_ms: None,
+    })?;
     Ok(key)
 }
 
-/// Opens the database for key management: a missing or empty file is first made a tallyd database
-/// (seeded, exactly as `serve` would), so that keys can be created before the first start. A
-/// running server holds the writer lock, but then the file exists and is never re-created here.
-pub fn open(path: &Path) -> Result<Connection, KeysError> {
+/// The `api_keys` table that `tallyd keys` works on: in the SQLite file, or in the PostgreSQL
+/// database a `postgres://` URL names (as `serve --db` chooses).
+pub enum Table {
+    Sqlite(Connection),
+    Postgres(PgTable),
+}
+
+/// A PostgreSQL database's key table: one connection, and the runtime it runs on (the command is
+/// otherwise synchronous, as the SQLite one is).
+pub struct PgTable {
+    /// Declared first, so that it closes while the runtime still runs.
+    client: deadpool_postgres::Object,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl PgTable {
+    /// Runs one of [`pg_table`]'s statements, bounded by [`limits::KEY_TABLE_TIMEOUT`].
+    fn block_on<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, KeysError> {
+        self.runtime.block_on(async {
+            match tokio::time::timeout(limits::KEY_TABLE_TIMEOUT, work).await {
+                Ok(result) => result.map_err(|error| KeysError::Postgres(pg::describe(&error))),
+                Err(_) => Err(KeysError::Postgres(format!(
+                    "no answer within {:?}",
+                    limits::KEY_TABLE_TIMEOUT
+                ))),
+            }
+        })
+    }
+}
+
+impl Table {
+    /// Every key, revoked ones included, by name.
+    pub fn all(&self) -> Result<Vec<KeyRow>, KeysError> {
+        match self {
+            Table::Sqlite(conn) => Ok(table::all(conn, limits::KEYS_MAX)?),
+            Table::Postgres(pg) => pg.block_on(pg_table::all(&pg.client, limits::KEYS_MAX)),
+        }
+    }
+
+    /// How many keys exist, revoked ones included.
+    pub fn count(&self) -> Result<i64, KeysError> {
+        match self {
+            Table::Sqlite(conn) => Ok(table::count(conn)?),
+            Table::Postgres(pg) => pg.block_on(pg_table::count(&pg.client)),
+        }
+    }
+
+    /// Whether a key (revoked or not) already has this name.
+    pub fn exists(&self, name: &str) -> Result<bool, KeysError> {
+        match self {
+            Table::Sqlite(conn) => Ok(table::exists(conn, name)?),
+            Table::Postgres(pg) => pg.block_on(pg_table::exists(&pg.client, name)),
+        }
+    }
+
+    fn insert(&self, row: &KeyRow) -> Result<(), KeysError> {
+        match self {
+            Table::Sqlite(conn) => Ok(table::insert(conn, row)?),
+            Table::Postgres(pg) => pg.block_on(pg_table::insert(&pg.client, row)),
+        }
+    }
+
+    /// Marks the key revoked; false if there is no such key or it was revoked already.
+    pub fn revoke(&self, name: &str, at_unix_ms: i64) -> Result<bool, KeysError> {
+        match self {
+            Table::Sqlite(conn) => Ok(table::revoke(conn, name, at_unix_ms)?),
+            Table::Postgres(pg) => pg.block_on(pg_table::revoke(&pg.client, name, at_unix_ms)),
+        }
+    }
+}
+
+/// Opens the database for key management, a SQLite file or a PostgreSQL URL: a database that is
+/// not a tallyd database yet is first made one (seeded, exactly as `serve` would), so that keys
+/// can be created before the first start.
+pub fn open(db: &Path) -> Result<Table, KeysError> {
+    if pg::is_url(db) {
+        return open_postgres(db).map(Table::Postgres);
+    }
+    open_sqlite(db).map(Table::Sqlite)
+}
+
+/// A missing or empty file is made a tallyd database first. A running server holds the writer
+/// lock, but then the file exists and is never re-created here.
+fn open_sqlite(path: &Path) -> Result<Connection, KeysError> {
     let empty = std::fs::metadata(path).map_or(true, |meta| meta.len() == 0);
     if empty {
         let store = crate::store::sqlite::SqliteStore::open(
@@ -239,6 +324,25 @@ pub fn open(path: &Path) -> Result<Connection, KeysError> {
     }
     table::ensure_table(&conn)?;
     Ok(conn)
+}
+
+/// The schema is brought to the newest version first, as `serve` does at start (under the same
+/// advisory lock, so a server starting meanwhile is no problem): a new database gets its ledger
+/// and seed, an older one the `api_keys` table.
+fn open_postgres(db: &Path) -> Result<PgTable, KeysError> {
+    let url = db
+        .to_str()
+        .ok_or_else(|| KeysError::Invalid("the database URL is not UTF-8".into()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| KeysError::Postgres(format!("cannot start a runtime: {error}")))?;
+    let client = runtime.block_on(async {
+        let pool = pg::pool(url, 1)?;
+        pg::migrate::prepare(&pool, None).await?;
+        Ok::<_, crate::store::StoreError>(pool.get().await?)
+    })?;
+    Ok(PgTable { client, runtime })
 }
 
 /// A Unix time in milliseconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC), without a date library.

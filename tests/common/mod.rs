@@ -62,8 +62,7 @@ impl Server {
     /// set, the server runs on a PostgreSQL database of its own instead of the file `db` (the
     /// same one each time it is given the same `db`, so restarts keep their ledger).
     pub fn start_with(db: &Path, listen: &str, extra: &[&str], log_filter: &str) -> Server {
-        let db = postgres::database_for(db).map_or_else(|| db.to_owned(), PathBuf::from);
-        Self::spawn(db, listen, extra, log_filter)
+        Self::spawn(target(db), listen, extra, log_filter)
     }
 
     /// Starts the server on the SQLite file `db` whatever `TALLYD_TEST_DB` says (a test that
@@ -74,8 +73,7 @@ impl Server {
 
     /// Starts the server on `db` with extra environment variables (for example `PGSSLROOTCERT`).
     pub fn start_with_env(db: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
-        let db = postgres::database_for(db).map_or_else(|| db.to_owned(), PathBuf::from);
-        Self::spawn_with(db, "127.0.0.1:0", extra, "info", env)
+        Self::spawn_with(target(db), "127.0.0.1:0", extra, "info", env)
     }
 
     fn spawn(db: PathBuf, listen: &str, extra: &[&str], log_filter: &str) -> Server {
@@ -156,10 +154,7 @@ impl Server {
 
     /// The server's database: the SQLite file, or its PostgreSQL database.
     pub fn sqlite(&self) -> Db {
-        match self.db.to_str().filter(|db| db.starts_with("postgres://")) {
-            Some(url) => Db::Postgres(url.to_owned()),
-            None => Db::Sqlite(rusqlite::Connection::open(&self.db).expect("opening the database")),
-        }
+        Db::open(&self.db)
     }
 
     pub async fn client(&self) -> Client {
@@ -179,13 +174,20 @@ impl Drop for Server {
     }
 }
 
-/// Runs `tallyd keys ARGS --db DB` and returns its output (not asserting success).
+/// What `--db` is for the file `db`: the file, or with `TALLYD_TEST_DB` the PostgreSQL database
+/// that stands for it (the one a server started on `db` runs on).
+pub fn target(db: &Path) -> PathBuf {
+    postgres::database_for(db).map_or_else(|| db.to_owned(), PathBuf::from)
+}
+
+/// Runs `tallyd keys ARGS --db DB` and returns its output (not asserting success). With
+/// `TALLYD_TEST_DB` it works on the database a server started on `db` runs on.
 pub fn keys(db: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_tallyd"))
         .arg("keys")
         .args(args)
         .arg("--db")
-        .arg(db)
+        .arg(target(db))
         .output()
         .expect("running tallyd keys")
 }
@@ -594,6 +596,17 @@ pub fn test_seed(test: &str, var: &str) -> u64 {
 pub enum Db {
     Sqlite(rusqlite::Connection),
     Postgres(String),
+}
+
+impl Db {
+    /// The database that stands for the file `db` (see [`target`]), without a server.
+    pub fn open(db: &Path) -> Db {
+        let db = target(db);
+        match db.to_str().filter(|db| db.starts_with("postgres://")) {
+            Some(url) => Db::Postgres(url.to_owned()),
+            None => Db::Sqlite(rusqlite::Connection::open(&db).expect("opening the database")),
+        }
+    }
 }
 
 impl std::ops::Deref for Db {

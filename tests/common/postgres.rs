@@ -151,6 +151,9 @@ pub fn assert_ledger_consistent(url: &str) {
     assert_eq!(total, "0", "money was created or lost");
 }
 
+/// How long `pg_ctl start` may wait for a cluster to accept connections (crash recovery included).
+const START_WAIT_S: &str = "300";
+
 /// The throwaway cluster of scripts/lib/postgres.sh (which exports `PG_BIN`, `PG_WORK` and
 /// `PG_PORT`), for a test that stops PostgreSQL under load and starts it again.
 pub struct Cluster {
@@ -175,7 +178,8 @@ impl Cluster {
         self.pg_ctl(&["stop", "-m", "immediate", "-w"]);
     }
 
-    /// Starts the cluster again, as scripts/lib/postgres.sh first started it.
+    /// Starts the cluster again, as scripts/lib/postgres.sh first started it, waiting up to
+    /// [`START_WAIT_S`] for its crash recovery.
     pub fn start(&self) {
         let options = format!(
             "-c listen_addresses=127.0.0.1 -p {} -k {} -c max_connections=200",
@@ -187,7 +191,7 @@ impl Cluster {
             "start",
             "-w",
             "-t",
-            "60",
+            START_WAIT_S,
             "-l",
             log.to_str().unwrap(),
             "-o",

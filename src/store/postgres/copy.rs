@@ -1,6 +1,6 @@
 //! `tallyd migrate --from users.db --to postgres://...`: a whole SQLite ledger copied into a new
 //! PostgreSQL database in one transaction, ids kept: the schema is created and every account,
-//! transaction, idempotency record, credit term and hold copied, then the id blocks start after
+//! transaction, idempotency record, credit term, hold and API key copied, then the id blocks start after
 //! the largest ids, and it all commits at once or not at all.
 //!
 //! The source is read in one read transaction, so a server may keep running on it; what it commits
@@ -26,6 +26,7 @@ pub struct Copied {
     pub idempotency_records: usize,
     pub holds: usize,
     pub credit_rows: usize,
+    pub api_keys: usize,
 }
 
 /// Everything read from the source.
@@ -37,6 +38,9 @@ struct Source {
     keys: Vec<KeyRow>,
     credit: Vec<(String, i64, i64)>,
     holds: Vec<HoldRow>,
+    /// The API keys (digests only), revoked ones included: their names scope the idempotency
+    /// records copied with them.
+    api_keys: Vec<crate::store::sqlite::keys::KeyRow>,
 }
 
 struct TransactionRow {
@@ -189,6 +193,19 @@ fn read_source(from: &Path) -> Result<Source, StoreError> {
         }),
     )
     .map_err(sqlite_error)?;
+    // The table is made when serve or `tallyd keys` first opens a file: a file neither opened
+    // since keys exist has none.
+    let has_keys: bool = tx
+        .query_row(
+            "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = 'api_keys'",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(sqlite_error)?;
+    if has_keys {
+        source.api_keys =
+            crate::store::sqlite::keys::all(&tx, crate::config::limits::KEYS_MAX).map_err(sqlite_error)?;
+    }
     Ok(source)
 }
 
@@ -217,6 +234,9 @@ pub async fn copy(from: &Path, to: &str) -> Result<Copied, StoreError> {
     write_transactions(&tx, &source).await.map_err(failed)?;
     write_keys(&tx, &source).await.map_err(failed)?;
     write_credit_and_holds(&tx, &source).await.map_err(failed)?;
+    super::keys::copy_in(&tx, &source.api_keys)
+        .await
+        .map_err(failed)?;
     tx.batch_execute(
         "UPDATE tallyd_ids SET \
          next_transaction_id = (SELECT coalesce(max(id), 0) + 1 FROM transactions), \
@@ -234,6 +254,7 @@ pub async fn copy(from: &Path, to: &str) -> Result<Copied, StoreError> {
         idempotency_records: source.keys.len(),
         holds: source.holds.len(),
         credit_rows: source.credit.len(),
+        api_keys: source.api_keys.len(),
     })
 }
 

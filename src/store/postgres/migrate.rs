@@ -20,11 +20,18 @@ pub struct Migration {
 }
 
 /// Every version, in order. A new version is a new file here and nothing else.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_ledger.sql",
-    sql: include_str!("../../../migrations/postgres/0001_ledger.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_ledger.sql",
+        sql: include_str!("../../../migrations/postgres/0001_ledger.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_api_keys.sql",
+        sql: include_str!("../../../migrations/postgres/0002_api_keys.sql"),
+    },
+];
 
 /// The accounts a new database starts with (as `users.db.sql` on SQLite).
 pub const SEED: &str = include_str!("../../../migrations/postgres/seed.sql");
@@ -73,6 +80,11 @@ pub async fn prepare_in(
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await
         .map_err(|error| unusable("cannot take the migration lock", error))?;
+    // A current database answers the CREATE below with a NOTICE ("already exists, skipping"),
+    // which tokio-postgres logs at info on every start and every `tallyd keys`: it says nothing.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await
+        .map_err(|error| unusable("cannot prepare the migration", error))?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS tallyd_migrations (
              version    integer     NOT NULL PRIMARY KEY,

@@ -50,12 +50,17 @@
 //! * **Reads** come from a pool of their own, on the primary, or on a replica with `--read-db`
 //!   (then a read may lag the writes it follows by the replica's replay lag).
 //!
-//! What it does not do yet: API keys are kept in the SQLite database only, so a PostgreSQL server
-//! runs without keys (on loopback, or with `--allow-unauthenticated`); `tallyd migrate` does not copy a SQLite ledger with archived history; TLS to the database is not
-//! `/stats`' average balance is re-read once a second by one
-//! worker per instance (a scan of the accounts), not kept up to date by each batch.
+//! * **API keys** live in the database's `api_keys` table ([`keys`], schema version 2), as on
+//!   SQLite: `tallyd keys --db postgres://...` manages them, and every instance re-reads the
+//!   table every [`crate::config::limits::KEY_RELOAD_PERIOD`] ([`crate::auth::reload`]), so a key
+//!   revoked through any instance's database is refused by all of them within a second.
+//!
+//! What it does not do yet: `tallyd migrate` does not copy a SQLite ledger with archived history;
+//! `/stats`' average balance is re-read once a second by one worker per instance
+//! (a scan of the accounts), not kept up to date by each batch.
 
 pub mod copy;
+pub mod keys;
 pub mod migrate;
 pub mod reader;
 pub mod rows;
