@@ -91,7 +91,7 @@ pub fn migrate(from: &Path, to: &Path) -> Result<ExitCode, Box<dyn std::error::E
     let copied = runtime.block_on(crate::store::postgres::copy::copy(from, url))?;
     println!(
         "migrated {} into {} in one transaction in {:.2} s: {} accounts, {} transactions, {} idempotency records, \
-         {} holds, {} accounts with credit terms, {} API keys",
+         {} holds, {} accounts with credit terms, {} API keys, {} archive cuts",
         from.display(),
         crate::store::postgres::redacted(to),
         started.elapsed().as_secs_f64(),
@@ -100,7 +100,8 @@ pub fn migrate(from: &Path, to: &Path) -> Result<ExitCode, Box<dyn std::error::E
         copied.idempotency_records,
         copied.holds,
         copied.credit_rows,
-        copied.api_keys
+        copied.api_keys,
+        copied.archive_cuts
     );
     drop(runtime);
     run(to)

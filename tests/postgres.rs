@@ -65,8 +65,8 @@ fn two_instances_starting_together_migrate_once_and_seed_once() {
         return;
     };
     let (_a, _b) = two_servers(&url, &[]);
-    // 0001_ledger.sql and 0002_api_keys.sql, each once.
-    assert_eq!(one(&url, "SELECT count(*) FROM tallyd_migrations"), "2");
+    // Every migration (0001_ledger.sql, 0002_api_keys.sql, 0003_ledger_archive.sql), each once.
+    assert_eq!(one(&url, "SELECT count(*) FROM tallyd_migrations"), "3");
     assert_eq!(
         one(
             &url,
@@ -78,7 +78,7 @@ fn two_instances_starting_together_migrate_once_and_seed_once() {
 }
 
 #[test]
-fn a_version_1_database_gains_the_key_table_at_start_and_keeps_its_ledger() {
+fn a_version_1_database_gains_the_later_tables_at_start_and_keeps_its_ledger() {
     let Some(url) = database("upgrade-to-keys") else {
         return;
     };
@@ -98,8 +98,9 @@ fn a_version_1_database_gains_the_key_table_at_start_and_keeps_its_ledger() {
             &url,
             "SELECT string_agg(name, ',' ORDER BY version) FROM tallyd_migrations"
         ),
-        "0001_ledger.sql,0002_api_keys.sql"
+        "0001_ledger.sql,0002_api_keys.sql,0003_ledger_archive.sql"
     );
+    assert_eq!(one(&url, "SELECT count(*) FROM ledger_archive"), "0");
     assert_eq!(one(&url, "SELECT count(*) FROM api_keys"), "0");
     // Not seeded again: the one account it had is the only card.
     assert_eq!(one(&url, "SELECT count(*) FROM ledger_accounts"), "2");
@@ -423,6 +424,119 @@ async fn a_sqlite_ledger_migrates_whole_with_its_ids_and_keys_and_serves_on() {
         .unwrap();
     assert!(!again.status.success());
     assert_eq!(one(&url, "SELECT count(*) FROM transactions"), "3");
+}
+
+/// `tallyd migrate` of a ledger that `tallyd archive` cut: what is copied is the ledger that opened
+/// at the cut (the archived transactions stay in their archive file) and the cut itself, so that
+/// `verify` accepts the first legs that link into the archive and a captured hold that names an
+/// archived transaction; balances are the same, archived ids are 404 and never handed out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archived_sqlite_ledger_migrates_with_its_cut_and_verify_holds_on_both() {
+    let Some(url) = database("migrate-archived") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("users.db");
+    let mut sqlite = Server::start_on_sqlite(&file, &[]);
+    let mut client = sqlite.client().await;
+    let (card, _) = seeded_card(5);
+    let hold = client
+        .post_json("/holds", &format!(r#"{{"card_number":"{card}","amount":7}}"#))
+        .await;
+    assert_eq!(hold.status.as_u16(), 200, "{}", hold.text);
+    let hold_id = hold.i64("id");
+    let capture = client.post_json(&format!("/holds/{hold_id}/capture"), "").await;
+    assert_eq!(capture.status.as_u16(), 200, "{}", capture.text);
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let reply = client
+            .post_json("/transfers", &transfer_body(&card, common::DEMO_CARD, 10 + n))
+            .await;
+        assert_eq!(reply.status.as_u16(), 200, "{}", reply.text);
+        ids.push(reply.i64("id"));
+    }
+    let balances = (
+        client.account_balance(&card).await,
+        client.account_balance(common::DEMO_CARD).await,
+    );
+    drop(client);
+    sqlite.terminate();
+    let tallyd = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "tallyd {args:?}: {text}");
+        text
+    };
+    let (db, archive) = (file.to_str().unwrap(), dir.path().join("archive-1.db"));
+    let cut = ids[3];
+    tallyd(&[
+        "archive",
+        "--db",
+        db,
+        "--before-id",
+        &cut.to_string(),
+        "--to",
+        archive.to_str().unwrap(),
+    ]);
+
+    let text = tallyd(&["migrate", "--from", db, "--to", &url]);
+    assert!(text.contains("1 archive cuts"), "{text}");
+    assert!(text.contains("all 11 checks hold"), "{text}");
+    assert_eq!(
+        one(&url, "SELECT count(*) FROM transactions"),
+        "3",
+        "the kept ones only"
+    );
+    assert_eq!(
+        one(&url, "SELECT archived_before_id FROM ledger_archive"),
+        cut.to_string()
+    );
+    assert_ledger_consistent(&url);
+
+    let mut server = Server::start_with(Path::new(&url), "127.0.0.1:0", &[], "info");
+    let mut client = server.client().await;
+    assert_eq!(
+        (
+            client.account_balance(&card).await,
+            client.account_balance(common::DEMO_CARD).await
+        ),
+        balances
+    );
+    assert_eq!(
+        client
+            .get(&format!("/transactions/{}", ids[0]))
+            .await
+            .status
+            .as_u16(),
+        404
+    );
+    assert_eq!(
+        client
+            .get(&format!("/transactions/{}", ids[5]))
+            .await
+            .status
+            .as_u16(),
+        200
+    );
+    let next = client
+        .post_json("/transfers", &transfer_body(&card, common::DEMO_CARD, 1))
+        .await;
+    assert_eq!(next.status.as_u16(), 200, "{}", next.text);
+    assert!(next.i64("id") > ids[5], "{}", next.text);
+    drop(client);
+    assert!(server.terminate().success());
+    let text = tallyd(&["verify", "--db", &url]);
+    assert!(text.contains("all 11 checks hold"), "{text}");
+    // The same cut on the SQLite file still verifies too (nothing was changed there).
+    let text = tallyd(&["verify", "--db", db]);
+    assert!(text.contains("checks hold"), "{text}");
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! `tallyd migrate --from users.db --to postgres://...`: a whole SQLite ledger copied into a new
 //! PostgreSQL database in one transaction, ids kept: the schema is created and every account,
-//! transaction, idempotency record, credit term, hold and API key copied, then the id blocks start after
-//! the largest ids, and it all commits at once or not at all.
+//! transaction, idempotency record, credit term, hold, API key and archive cut copied, then the id
+//! blocks start after the largest ids, and it all commits at once or not at all. An archived
+//! ledger's old transactions stay in their archive files (SQLite, readable by any tool); what is
+//! copied is the ledger that opened at the cut, and the cut itself, so `verify` holds on both.
 //!
 //! The source is read in one read transaction, so a server may keep running on it; what it commits
 //! after the copy started is not copied (stop it first to move a ledger for good). Balances are
@@ -27,6 +29,7 @@ pub struct Copied {
     pub holds: usize,
     pub credit_rows: usize,
     pub api_keys: usize,
+    pub archive_cuts: usize,
 }
 
 /// Everything read from the source.
@@ -41,6 +44,10 @@ struct Source {
     /// The API keys (digests only), revoked ones included: their names scope the idempotency
     /// records copied with them.
     api_keys: Vec<crate::store::sqlite::keys::KeyRow>,
+    /// The cuts of `tallyd archive` (before id, archive file, transactions, at): the archived
+    /// transactions stay in their archive files, and these rows let `verify` accept the first
+    /// legs that link into them.
+    archive: Vec<(i64, String, i64, i64)>,
 }
 
 struct TransactionRow {
@@ -100,14 +107,6 @@ fn read_source(from: &Path) -> Result<Source, StoreError> {
         )));
     }
     let tx = conn.transaction().map_err(sqlite_error)?;
-    let archived: i64 = tx
-        .query_row("SELECT count(*) FROM ledger_archive", [], |row| row.get(0))
-        .map_err(sqlite_error)?;
-    if archived > 0 {
-        return Err(StoreError::Unusable(
-            "the ledger has archived history (tallyd archive); its chains reach into the archive file, which migrate does not copy yet".into(),
-        ));
-    }
     let mut source = Source::default();
     let rows = |sql: &str, mut each: Visit<'_>| {
         let mut statement = tx.prepare(sql)?;
@@ -193,6 +192,17 @@ fn read_source(from: &Path) -> Result<Source, StoreError> {
         }),
     )
     .map_err(sqlite_error)?;
+    rows(
+        "SELECT archived_before_id, archive_file, transactions, archived_at_ms FROM ledger_archive \
+         ORDER BY archived_before_id",
+        Box::new(|row| {
+            source
+                .archive
+                .push((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?));
+            Ok(())
+        }),
+    )
+    .map_err(sqlite_error)?;
     // The table is made when serve or `tallyd keys` first opens a file: a file neither opened
     // since keys exist has none.
     let has_keys: bool = tx
@@ -237,9 +247,21 @@ pub async fn copy(from: &Path, to: &str) -> Result<Copied, StoreError> {
     super::keys::copy_in(&tx, &source.api_keys)
         .await
         .map_err(failed)?;
+    for (before_id, file, transactions, at) in &source.archive {
+        tx.execute(
+            "INSERT INTO ledger_archive (archived_before_id, archive_file, transactions, archived_at_ms) \
+             VALUES ($1, $2, $3, $4)",
+            &[before_id, file, transactions, at],
+        )
+        .await
+        .map_err(failed)?;
+    }
+    // New ids follow the largest kept one, and never reuse an archived one (an archive may have
+    // taken every transaction there was).
     tx.batch_execute(
         "UPDATE tallyd_ids SET \
-         next_transaction_id = (SELECT coalesce(max(id), 0) + 1 FROM transactions), \
+         next_transaction_id = greatest((SELECT coalesce(max(id), 0) + 1 FROM transactions), \
+                                        (SELECT coalesce(max(archived_before_id), 1) FROM ledger_archive)), \
          next_key_id = (SELECT coalesce(max(id), 0) + 1 FROM idempotency_keys), \
          next_hold_id = (SELECT coalesce(max(id), 0) + 1 FROM holds)",
     )
@@ -255,6 +277,7 @@ pub async fn copy(from: &Path, to: &str) -> Result<Copied, StoreError> {
         holds: source.holds.len(),
         credit_rows: source.credit.len(),
         api_keys: source.api_keys.len(),
+        archive_cuts: source.archive.len(),
     })
 }
 

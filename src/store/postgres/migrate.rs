@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_api_keys.sql",
         sql: include_str!("../../../migrations/postgres/0002_api_keys.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_ledger_archive.sql",
+        sql: include_str!("../../../migrations/postgres/0003_ledger_archive.sql"),
+    },
 ];
 
 /// The accounts a new database starts with (as `users.db.sql` on SQLite).

@@ -55,8 +55,7 @@
 //!   table every [`crate::config::limits::KEY_RELOAD_PERIOD`] ([`crate::auth::reload`]), so a key
 //!   revoked through any instance's database is refused by all of them within a second.
 //!
-//! What it does not do yet: `tallyd migrate` does not copy a SQLite ledger with archived history;
-//! `/stats`' average balance is re-read once a second by one worker per instance
+//! What it does not do yet: `/stats`' average balance is re-read once a second by one worker per instance
 //! (a scan of the accounts), not kept up to date by each batch.
 
 pub mod copy;

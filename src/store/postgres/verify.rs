@@ -30,12 +30,14 @@ pub const CHECKS: &[(&str, &str)] = &[
             OR (h.transaction_id IS NOT NULL AND h.balance_after <> a.balance)",
     ),
     (
-        "every leg links to its account's previous transaction, and its balance_after = the previous one + its amount",
+        "every leg links to its account's previous transaction (or, the first, into the archive), and its balance_after = the previous one + its amount",
         "SELECT count(*) FROM (SELECT previous_id, balance_after, amount, a.opening_balance, \
                 lag(transaction_id) OVER w AS previous, lag(balance_after) OVER w AS previous_balance \
              FROM entries e JOIN ledger_accounts a ON a.name = e.account \
              WINDOW w AS (PARTITION BY account ORDER BY transaction_id)) l \
-         WHERE previous_id IS DISTINCT FROM previous \
+         WHERE (previous_id IS DISTINCT FROM previous \
+                AND NOT (previous IS NULL AND previous_id < \
+                         (SELECT coalesce(max(archived_before_id), 0) FROM ledger_archive))) \
             OR balance_after <> coalesce(previous_balance, opening_balance) + amount",
     ),
     (
@@ -51,10 +53,11 @@ pub const CHECKS: &[(&str, &str)] = &[
          WHERE coalesce(c.held, 0) <> coalesce(h.pending, 0)",
     ),
     (
-        "every hold is on an existing account, and a captured one names an existing transaction",
+        "every hold is on an existing account, and a captured one names an existing (or archived) transaction",
         "SELECT count(*) FROM holds h LEFT JOIN transactions t ON t.id = h.transaction_id \
          LEFT JOIN ledger_accounts a ON a.name = h.card_number \
-         WHERE a.name IS NULL OR (h.transaction_id IS NOT NULL AND t.id IS NULL)",
+         WHERE a.name IS NULL OR (h.transaction_id IS NOT NULL AND t.id IS NULL \
+               AND h.transaction_id >= (SELECT coalesce(max(archived_before_id), 0) FROM ledger_archive))",
     ),
     (
         "every idempotency record of a transaction names one that exists",
